@@ -1,0 +1,69 @@
+"""Which tensors a problem call uses while a loss is evaluated.
+
+Inside a loss, ``classifier(x)`` calls ``classifier.module``. The runtime
+decides, per evaluation, with which parameters: the live ones (when they are
+being differentiated), an override (θ ± εv in finite differences, θ_t in an
+unrolled replay) or detached copies (everything else, so that autograd builds
+no graph for parameters nobody differentiates). Outside a program, a problem
+call is a plain module call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.func import functional_call
+
+if TYPE_CHECKING:
+    from mlodsl._problem import Problem
+
+LIVE = None  # marker: call the module with its own parameters
+
+
+class Bindings:
+    """Parameters to call each reachable problem with, for one loss evaluation."""
+
+    def __init__(self, owner: Problem, table: Mapping[Problem, Mapping[str, torch.Tensor] | None]) -> None:
+        self.owner = owner
+        self.table = table
+        self.called: set[Problem] = set()
+
+    def call(self, problem: Problem, args: tuple, kwargs: dict) -> Any:
+        from compiler import errors
+
+        if problem not in self.table:
+            raise errors.ProblemError(errors.ESCAPED_REFERENCE.format(
+                name=self.owner.name, loc=self.owner.loc, other=problem.name))
+        self.called.add(problem)
+        params = self.table[problem]
+        if params is LIVE:
+            return problem.module(*args, **kwargs)
+        return functional_call(problem.module, params, args, kwargs, strict=False)
+
+
+_current: contextvars.ContextVar[Bindings | None] = contextvars.ContextVar("mlodsl_bindings", default=None)
+
+
+def current() -> Bindings | None:
+    return _current.get()
+
+
+@contextmanager
+def bound(bindings: Bindings) -> Iterator[Bindings]:
+    token = _current.set(bindings)
+    try:
+        yield bindings
+    finally:
+        _current.reset(token)
+
+
+def detached(problem: Problem) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in zip(problem.param_names, problem.params)}
+
+
+def as_dict(problem: Problem, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(problem.param_names, tensors))

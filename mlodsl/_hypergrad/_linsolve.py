@@ -1,0 +1,45 @@
+"""Linear solvers for the implicit methods: p ≈ H⁻¹ v from Hessian-vector products only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mlodsl import _tree as T
+
+HVP = Callable[[T.Vec], T.Vec]
+
+
+def neumann(hvp: HVP, v: T.Vec, iterations: int, alpha: float) -> tuple[T.Vec, dict]:
+    """p = α Σ_{i=0..K} (I − αH)^i v, with K = ``iterations`` Hessian-vector products.
+
+    Converges to H⁻¹ v when the spectrum of αH lies in (0, 2).
+    """
+    term, acc = v, list(v)
+    for _ in range(iterations):
+        term = T.add(term, hvp(term), -alpha)
+        acc = T.add(acc, term)
+    return T.scale(acc, alpha), {"last_term_norm": T.norm(term)}
+
+
+def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> tuple[T.Vec, dict]:
+    """p ≈ (H + damping·I)⁻¹ v from ``iterations`` CG steps started at p = 0.
+
+    Stops early only when the residual is exactly zero (the solve is exact),
+    since a further step would divide by zero.
+    """
+    x = T.zeros_like(v)
+    r = list(v)
+    d = list(r)
+    rs = T.dot(r, r)
+    for _ in range(iterations):
+        if float(rs) == 0.0:
+            break
+        hd = hvp(d)
+        ad = T.add(hd, d, damping) if damping else hd
+        step = rs / T.dot(d, ad)
+        x = T.add(x, d, step)
+        r = T.add(r, ad, -step)
+        rs_new = T.dot(r, r)
+        d = T.add(r, d, rs_new / rs)
+        rs = rs_new
+    return x, {"residual_norm": rs.sqrt() if hasattr(rs, "sqrt") else rs ** 0.5}

@@ -1,0 +1,163 @@
+"""The five hypergradient methods of DESIGN §3.
+
+For a lower problem Q with loss C_Q(θ_Q, x), Hessian H = ∂²C_Q/∂θ_Q², adjoint
+v over θ_Q and inputs x of C_Q, each method returns (∂θ*_Q/∂x)ᵀ v.
+Neumann and CG are one implicit method with two linear solvers; finite
+differences, unrolling and first order are the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+from attrs import field, frozen, validators
+
+from mlodsl import _tree as T
+from mlodsl._hypergrad import _linsolve
+
+
+class GradGraph(Protocol):
+    """g = ∇_θ C_Q(θ, x), built once with ``create_graph=True`` and reused."""
+
+    def hvp(self, v: T.Vec) -> T.Vec: ...              # H v
+    def cross(self, p: T.Vec) -> list[T.Vec]: ...      # (∂²C_Q/∂x∂θ_Q) p, per input x
+
+
+class Lower(Protocol):
+    """What a method may ask of the lower problem Q (see ``mlodsl._lower``)."""
+
+    name: str
+    params: T.Vec
+    lr: float
+
+    def grad_graph(self) -> GradGraph: ...
+    def input_grads(self, theta: T.Vec) -> list[T.Vec]: ...   # ∇_x C_Q(θ, x), per input x
+    def unrolled_vjp(self, v: T.Vec) -> list[T.Vec]: ...      # (∂θ_T/∂x)ᵀ v through the last updates
+    def record(self, key: str, value: torch.Tensor | float) -> None: ...
+    def zeros_for_inputs(self) -> list[T.Vec]: ...
+
+
+@runtime_checkable
+class HypergradMethod(Protocol):
+    """One interface: ``method(lower, v) -> [(∂θ*_Q/∂x)ᵀ v for each input x]``."""
+
+    name: ClassVar[str]
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]: ...
+
+
+_positive_int = [validators.instance_of(int), validators.ge(0)]
+
+
+@frozen
+class Implicit:
+    """Implicit differentiation: −(∂²C_Q/∂x∂θ_Q) p with p = solve(H, v).
+
+    The one primitive that ``Neumann`` and ``CG`` are derived from: they only
+    choose the linear solver. The gradient graph of C_Q is built once and
+    reused for every Hessian-vector product and the final mixed product.
+    """
+
+    solve: Callable[[Lower, _linsolve.HVP, T.Vec], tuple[T.Vec, dict]]
+    name: ClassVar[str] = "implicit"
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
+        graph = lower.grad_graph()
+        p, diagnostics = self.solve(lower, graph.hvp, v)
+        for key, value in diagnostics.items():
+            lower.record(key, value)
+        return [T.scale(c, -1.0) for c in graph.cross(p)]
+
+
+@frozen
+class Neumann:
+    """−(∂²C_Q/∂x∂θ_Q) p,  p = α Σ_{i=0..K} (I − αH)^i v  (K = ``iterations`` HVPs).
+
+    ``alpha`` defaults to Q's learning rate. It approximates the implicit
+    hypergradient when ‖I − αH‖ < 1.
+    """
+
+    iterations: int = field(default=3, validator=_positive_int)
+    alpha: float | None = None
+    name: ClassVar[str] = "neumann"
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
+        alpha = lower.lr if self.alpha is None else self.alpha
+        return Implicit(lambda _, hvp, b: _linsolve.neumann(hvp, b, self.iterations, alpha))(lower, v)
+
+
+@frozen
+class CG:
+    """−(∂²C_Q/∂x∂θ_Q) p,  p ≈ (H + damping·I)⁻¹ v from K conjugate-gradient steps from 0.
+
+    With K ≥ dim θ_Q and a converged Q this is the exact implicit hypergradient.
+    """
+
+    iterations: int = field(default=10, validator=_positive_int)
+    damping: float = field(default=0.0, validator=validators.ge(0.0))
+    name: ClassVar[str] = "cg"
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
+        def solve(_: Lower, hvp: _linsolve.HVP, b: T.Vec) -> tuple[T.Vec, dict]:
+            return _linsolve.conjugate_gradient(hvp, b, self.iterations, self.damping)
+
+        return Implicit(solve)(lower, v)
+
+
+@frozen
+class FiniteDifference:
+    """DARTS: −α (∇_x C_Q(θ + εv) − ∇_x C_Q(θ − εv)) / (2ε),  ε = eps/‖v‖,  α = Q's lr.
+
+    Two gradient evaluations and no Hessian-vector product; the one-step
+    unrolled approximation of the best-response Jacobian.
+    """
+
+    eps: float = field(default=0.01, validator=validators.gt(0.0))
+    name: ClassVar[str] = "fd"
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
+        vnorm = float(T.norm(v))
+        if vnorm == 0.0:
+            return lower.zeros_for_inputs()
+        eps = self.eps / vnorm
+        lower.record("fd_epsilon", eps)
+        with torch.no_grad():
+            plus = T.add(lower.params, v, eps)
+            minus = T.add(lower.params, v, -eps)
+        g_plus, g_minus = lower.input_grads(plus), lower.input_grads(minus)
+        coef = -lower.lr / (2 * eps)
+        return [T.scale(T.add(a, b, -1.0), coef) for a, b in zip(g_plus, g_minus)]
+
+
+@frozen
+class Unrolled:
+    """Iterative differentiation: reverse mode through Q's last ``steps`` optimizer updates.
+
+    The updates are replayed differentiably from a snapshot taken when they
+    began (SGD with momentum, dampening, Nesterov and weight decay; Adam and
+    AdamW), so lower steps themselves never build graphs for upper parameters.
+    """
+
+    name: ClassVar[str] = "itd"
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
+        return lower.unrolled_vjp(v)
+
+
+@frozen
+class FirstOrder:
+    """Zero: only direct gradients reach the upper problem (paths through Q are cut)."""
+
+    name: ClassVar[str] = "first_order"
+
+    def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
+        return lower.zeros_for_inputs()
+
+
+REGISTRY: dict[str, type] = {
+    "neumann": Neumann, "cg": CG, "fd": FiniteDifference, "darts": FiniteDifference,
+    "finite_difference": FiniteDifference, "itd": Unrolled, "unrolled": Unrolled,
+    "first_order": FirstOrder,
+}

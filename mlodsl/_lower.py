@@ -1,0 +1,105 @@
+"""The runtime's view of a lower problem Q, as hypergradient methods see it.
+
+It evaluates C_Q on Q's last batch with the inputs x being differentiated
+bound live and every other problem detached, builds ∇_θ C_Q once per
+hypergradient (``grad_graph``) and reuses it for every Hessian-vector product,
+and replays Q's last optimizer updates for ``Unrolled``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mlodsl import _tree as T
+from mlodsl._bindings import as_dict
+from mlodsl._hypergrad import _unroll
+
+if TYPE_CHECKING:
+    from mlodsl._problem import Problem
+    from mlodsl._runtime import Runtime
+
+
+def vjp(outputs: T.Vec, inputs: T.Vec, cotangents: T.Vec, retain: bool) -> T.Vec:
+    """Σ_i cotangent_iᵀ ∂output_i/∂inputs, skipping outputs that carry no graph."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not pairs:
+        return T.zeros_like(inputs)
+    outs, cots = zip(*pairs)
+    grads = torch.autograd.grad(outs, inputs, grad_outputs=cots, retain_graph=retain, allow_unused=True)
+    return T.fill_none(grads, inputs)
+
+
+class GradGraph:
+    """g = ∇_θ C_Q(θ, x) with its graph, built once and reused by every product."""
+
+    def __init__(self, lower: LowerView) -> None:
+        self.lower = lower
+        params = lower.params
+        loss = lower.loss(live=True)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        self.g = T.fill_none(grads, params)
+
+    def hvp(self, v: T.Vec) -> T.Vec:
+        self.lower.runtime.count("hvp")
+        return vjp(self.g, self.lower.params, v, retain=True)
+
+    def cross(self, p: T.Vec) -> list[T.Vec]:
+        self.lower.runtime.count("mixed_vjp")
+        flat = self.lower.flat_inputs
+        return T.split(vjp(self.g, flat, p, retain=False), self.lower.sizes)
+
+
+class LowerView:
+    """Q, its batch and the inputs x (problems) whose adjoints are wanted."""
+
+    def __init__(self, runtime: Runtime, problem: Problem, inputs: list[Problem]) -> None:
+        self.runtime = runtime
+        self.problem = problem
+        self.inputs = inputs
+        self.name = problem.name
+        self.params = problem.params
+        self.lr = problem.lr
+        self.flat_inputs = [t for q in inputs for t in q.params]
+        self.sizes = [len(q.params) for q in inputs]
+
+    def loss(self, live: bool, theta: T.Vec | None = None, batch: object = None) -> torch.Tensor:
+        override = {self.problem: as_dict(self.problem, theta)} if theta is not None else {}
+        live_set = set(self.inputs) | ({self.problem} if live and theta is None else set())
+        if batch is None:
+            batch = self.runtime.state[self.name].current_batch()
+        return self.runtime.evaluate(self.problem, batch, live=live_set, override=override)
+
+    def grad_graph(self) -> GradGraph:
+        return GradGraph(self)
+
+    def input_grads(self, theta: T.Vec) -> list[T.Vec]:
+        self.runtime.count("grad_eval")
+        loss = self.loss(live=False, theta=theta)
+        if not loss.requires_grad:
+            return self.zeros_for_inputs()
+        grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
+        return T.split(T.fill_none(grads, self.flat_inputs), self.sizes)
+
+    def zeros_for_inputs(self) -> list[T.Vec]:
+        return [T.zeros_like(q.params) for q in self.inputs]
+
+    def record(self, key: str, value: torch.Tensor | float) -> None:
+        self.runtime.diagnostics[f"{self.name}/{key}"] = value
+
+    def unrolled_vjp(self, v: T.Vec) -> list[T.Vec]:
+        window = self.runtime.state[self.name].window
+        if window is None or not window.steps:
+            return self.zeros_for_inputs()
+        kind = type(self.problem.optimizer)
+        theta = [t.clone().requires_grad_(True) for t in window.theta]
+        states = window.states
+        for batch, hps in window.steps:
+            self.runtime.count("unrolled_update")
+            loss = self.loss(live=False, theta=theta, batch=batch)
+            grads = T.fill_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
+            updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]
+            theta = [u[0] for u in updated]
+            states = [u[1] for u in updated]
+        return T.split(vjp(theta, self.flat_inputs, v, retain=False), self.sizes)
