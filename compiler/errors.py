@@ -152,3 +152,10 @@ UNKNOWN_METHOD = (
     "Rule: known names are {known}.\n"
     "Fix: {fix}"
 )
+
+ZERO_GRADIENT = (
+    "the gradient of {name!r} ({loc}) is zero: its loss reaches its parameters only through "
+    "lower problems whose hypergradient method is first_order.\n"
+    "Fix: give those lower problems another method (e.g. hypergrad='fd' or Neumann()), or "
+    "make the loss of {name!r} depend on its parameters directly."
+)

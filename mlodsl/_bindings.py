@@ -1,22 +1,24 @@
-"""Which tensors a problem call uses while a loss is evaluated.
+"""Which tensors each problem's module holds while a loss is evaluated.
 
 Inside a loss, ``classifier(x)`` calls ``classifier.module``. The runtime
 decides, per evaluation, with which parameters: the live ones (when they are
 being differentiated), an override (θ ± εv in finite differences, θ_t in an
 unrolled replay) or detached copies (everything else, so that autograd builds
-no graph for parameters nobody differentiates). Outside a program, a problem
-call is a plain module call.
+no graph for parameters nobody differentiates). The modules are
+re-parametrized for the whole evaluation, so a loss that reads
+``classifier.module.weight`` directly (an L2 term) sees the same tensors as
+``classifier(x)``. Outside a program, a problem call is a plain module call.
 """
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 if TYPE_CHECKING:
     from mlodsl._problem import Problem
@@ -39,10 +41,7 @@ class Bindings:
             raise errors.ProblemError(errors.ESCAPED_REFERENCE.format(
                 name=self.owner.name, loc=self.owner.loc, other=problem.name))
         self.called.add(problem)
-        params = self.table[problem]
-        if params is LIVE:
-            return problem.module(*args, **kwargs)
-        return functional_call(problem.module, params, args, kwargs, strict=False)
+        return problem.module(*args, **kwargs)
 
 
 _current: contextvars.ContextVar[Bindings | None] = contextvars.ContextVar("mlodsl_bindings", default=None)
@@ -54,9 +53,14 @@ def current() -> Bindings | None:
 
 @contextmanager
 def bound(bindings: Bindings) -> Iterator[Bindings]:
+    """Evaluate a loss under ``bindings``: modules hold the bound tensors until the block ends."""
     token = _current.set(bindings)
     try:
-        yield bindings
+        with ExitStack() as stack:
+            for problem, params in bindings.table.items():
+                if params is not LIVE:
+                    stack.enter_context(_reparametrize_module(problem.module, dict(params)))
+            yield bindings
     finally:
         _current.reset(token)
 

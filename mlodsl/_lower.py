@@ -36,6 +36,7 @@ class GradGraph:
 
     def __init__(self, lower: LowerView) -> None:
         self.lower = lower
+        lower.runtime.count("grad_graph")
         params = lower.params
         loss = lower.loss(live=True)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -102,4 +103,7 @@ class LowerView:
             updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]
             theta = [u[0] for u in updated]
             states = [u[1] for u in updated]
+        with torch.no_grad():
+            gap = max(float((a - b).abs().max()) for a, b in zip(theta, self.params))
+        self.record("unroll_replay_error", gap)
         return T.split(vjp(theta, self.flat_inputs, v, retain=False), self.sizes)

@@ -15,10 +15,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import warnings
+
 import attrs
 import torch
 
-from compiler import Plan, Step, errors
+from compiler import EdgeKind, Plan, Step, errors
 from mlodsl import _tree as T
 from mlodsl._bindings import LIVE, Bindings, bound, detached
 from mlodsl._data import Batches
@@ -88,6 +90,7 @@ class Runtime:
         self.position = 0    # steps of the current iteration completed
         self.stats: Counter[str] = Counter()
         self.diagnostics: dict[str, Any] = {}
+        self._warned: set[str] = set()
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] += n
@@ -153,7 +156,7 @@ class Runtime:
         seeds = [self.problems[s] for s in hp.seeds]
         loss = self.evaluate(p, batch, live=[p, *seeds])
         if not loss.requires_grad:
-            raise errors.ProblemError(errors.LOSS_NOT_DIFFERENTIABLE.format(name=p.name, loc=p.loc))
+            return self._no_gradient(p), loss
         diff = p.params + [t for s in seeds for t in s.params]
         grads = T.fill_none(torch.autograd.grad(loss, diff, allow_unused=True), diff)
         parts = T.split(grads, [len(p.params)] + [len(s.params) for s in seeds])
@@ -168,6 +171,15 @@ class Runtime:
             for r, contribution in zip(visit.to_lowers, out):
                 adjoints[r] = T.add(adjoints[r], contribution) if r in adjoints else contribution
         return direct, loss
+
+    def _no_gradient(self, p: Problem) -> T.Vec:
+        """A loss with no graph: zero when it reads θ_P only through first-order lowers, else an error."""
+        if not any(e.dst == p.name for e in self.plan.graph.edges_of(EdgeKind.L2U)):
+            raise errors.ProblemError(errors.LOSS_NOT_DIFFERENTIABLE.format(name=p.name, loc=p.loc))
+        if p.name not in self._warned:
+            self._warned.add(p.name)
+            warnings.warn(errors.ZERO_GRADIENT.format(name=p.name, loc=p.loc), stacklevel=4)
+        return T.zeros_like(p.params)
 
     def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, step: int) -> None:
         flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads])
