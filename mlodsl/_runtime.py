@@ -187,7 +187,7 @@ class Runtime:
             return
         if not bool(flags[0]):
             raise errors.ProblemError(errors.LOSS_NOT_FINITE.format(
-                name=p.name, loc=p.loc, value=float(loss), step=step))
+                name=p.name, loc=p.loc, value=float(loss.detach()), step=step))
         bad = [n for n, ok in zip(p.param_names, flags[1:].tolist()) if not ok]
         raise errors.ProblemError(errors.GRAD_NOT_FINITE.format(
             name=p.name, loc=p.loc, where=", ".join(bad), step=step))

@@ -1,0 +1,224 @@
+"""The runtime: schedule semantics, continuation, hooks, rollback and run-time errors."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from mlodsl import CompileError, Problem, ProblemError, Program, UsageError, problem
+from mlodsl.hypergrad import CG
+from tests.quadratic import build, diamond
+
+
+def bilevel(low_steps: int = 1, seed: int = 0, log: list | None = None, low_loss=None):
+    torch.manual_seed(seed)
+    up_m, low_m = nn.Linear(2, 1), nn.Linear(2, 1)
+    data = [torch.randn(4, 2) for _ in range(3)]
+
+    @problem(module=up_m, optimizer=torch.optim.Adam(up_m.parameters(), lr=0.01), data=data)
+    def up(x):
+        return (low(x) - 1).pow(2).mean()
+
+    @problem(module=low_m, optimizer=torch.optim.SGD(low_m.parameters(), lr=0.1, momentum=0.9),
+             data=data, upper=[up], steps=low_steps, hypergrad="neumann")
+    def low(x):
+        if low_loss is not None:
+            return low_loss(x)
+        return (low(x) - up(x)).pow(2).mean()
+
+    if log is not None:
+        up.after_step(lambda m: log.append("up"))
+        low.after_step(lambda m: log.append("low"))
+        low.before_unroll(lambda m: log.append("low:begin"))
+        low.after_unroll(lambda m: log.append("low:end"))
+    return Program([up, low])
+
+
+def params(program: Program) -> list[torch.Tensor]:
+    return [p.detach().clone() for q in program.problems for p in q.module.parameters()]
+
+
+def test_a_problem_with_steps_three_steps_three_times_per_upper_step():
+    log: list[str] = []
+    program = bilevel(low_steps=3, log=log)
+    program.run(iterations=6)
+    assert log == ["low:begin", "low", "low", "low", "low:end", "up"] * 2
+    assert program.stats["steps/low"] == 6 and program.stats["steps/up"] == 2
+
+
+def test_an_upper_with_two_lowers_of_different_steps_waits_for_both():
+    torch.manual_seed(0)
+    mods = {n: nn.Linear(2, 1) for n in ("top", "a", "b")}
+    opt = {n: torch.optim.SGD(m.parameters(), lr=0.01) for n, m in mods.items()}
+    x = torch.ones(1, 2)
+    order: list[str] = []
+
+    @problem(module=mods["top"], optimizer=opt["top"])
+    def top():
+        return (a(x) + b(x)).pow(2).sum()
+
+    @problem(module=mods["a"], optimizer=opt["a"], upper=[top], steps=2)
+    def a():
+        return (a(x) - top(x)).pow(2).sum()
+
+    @problem(module=mods["b"], optimizer=opt["b"], upper=[top], steps=3)
+    def b():
+        return (b(x) + top(x)).pow(2).sum()
+
+    for p in (top, a, b):
+        p.after_step(lambda m, name=p.name: order.append(name))
+    Program([top, a, b]).run(iterations=6)
+    tops = [i for i, n in enumerate(order) if n == "top"]
+    assert len(tops) == 2
+    assert order[:tops[0]].count("a") == 3 and order[:tops[0]].count("b") == 3  # b needed 3, a went on
+    assert order[tops[0] + 1:tops[1]].count("b") == 3
+
+
+def test_iteration_counts_continue_across_runs():
+    one, two = bilevel(low_steps=2, seed=1), bilevel(low_steps=2, seed=1)
+    one.run(iterations=7)
+    two.run(iterations=3)
+    two.run(iterations=4)
+    assert one.iteration == two.iteration == 7
+    assert all(torch.equal(a, b) for a, b in zip(params(one), params(two)))
+
+
+def test_on_the_diamond_each_lower_method_runs_once_per_upper_step():
+    quad = build(diamond(CG(iterations=3)))
+    quad.program.run(iterations=5)
+    s = quad.program.stats
+    assert s["steps/top"] == 5
+    for name in ("left", "right", "bottom"):
+        assert s[f"method_calls/{name}"] == 5, name
+
+
+def test_outside_a_program_a_problem_is_its_module():
+    program = bilevel()
+    x = torch.ones(2, 2)
+    assert torch.equal(program["low"](x), program["low"].module(x))
+    assert isinstance(program["low"], Problem)
+
+
+# -- run-time errors roll the step back --------------------------------------
+def _state(program: Program):
+    return params(program), [copy.deepcopy(q.optimizer.state_dict()) for q in program.problems]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: torch.tensor(float("nan"), requires_grad=True), r"the loss of 'low' \(.*:\d+\) is nan"),
+    (lambda x: torch.ones(3, requires_grad=True), r"returned a tensor of shape \(3,\), not a scalar"),
+    (lambda x: 1.5, r"returned float 1.5, not a tensor"),
+    (lambda x: 1 / 0, r"raised ZeroDivisionError"),
+])
+def test_a_failing_step_leaves_parameters_and_optimizer_state_as_they_were(bad, message):
+    armed = []
+
+    def low_loss(x):
+        return bad(x) if armed else (program["low"](x) - program["up"](x)).pow(2).mean()
+
+    program = bilevel(low_loss=low_loss)
+    program.run(iterations=2)
+    armed.append(True)
+    before = _state(program)
+    with pytest.raises(ProblemError, match=message) as info:
+        program.run(iterations=1)
+    assert "Fix:" in str(info.value)
+    after = _state(program)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert str(before[1]) == str(after[1])
+    assert program.iteration == 2
+
+
+def test_an_infinite_gradient_is_caught_before_the_update():
+    def low_loss(x):
+        w = program["low"].module.weight
+        return torch.sqrt(w - w.detach()).sum()  # value 0, gradient 1/(2·0) = inf
+
+    program = bilevel(low_loss=low_loss)
+    before = params(program)
+    with pytest.raises(ProblemError, match=r"gradient of 'low' .* has NaN or Inf entries in weight"):
+        program.run(iterations=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(program)))
+
+
+def test_a_call_the_compiler_did_not_see_fails_clearly():
+    m1, m2 = nn.Linear(2, 1), nn.Linear(2, 1)
+    hidden = {}
+
+    @problem(module=m1, optimizer=torch.optim.SGD(m1.parameters(), lr=0.1))
+    def boss():
+        return boss(torch.ones(1, 2)).pow(2).sum()
+
+    @problem(module=m2, optimizer=torch.optim.SGD(m2.parameters(), lr=0.1), upper=[boss])
+    def worker():
+        return (worker(torch.ones(1, 2)) * hidden["boss"](torch.ones(1, 2))).sum()  # via a dict
+
+    hidden["boss"] = boss
+    with pytest.raises(ProblemError, match=r"'worker' \(.*\) called problem 'boss', which the compiler did not "
+                                           r"see.*\n.*\nFix: add uses=\['boss'\]"):
+        Program([boss, worker]).run(iterations=1)
+
+
+def test_an_iterator_that_runs_dry_and_an_empty_dataset():
+    m, o = nn.Linear(2, 1), None
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    gen = (torch.ones(1, 2) for _ in range(2))
+
+    @problem(module=m, optimizer=o, data=gen)
+    def once(x):
+        return once(x).sum()
+
+    with pytest.raises(ProblemError, match="ran dry: it is an iterator"):
+        Program([once]).run(iterations=3)
+
+    @problem(module=m, optimizer=o, data=[])
+    def empty(x):
+        return empty(x).sum()
+
+    with pytest.raises(ProblemError, match="yielded no batch"):
+        Program([empty]).run(iterations=1)
+
+
+# -- compile-time errors of the torch side ----------------------------------
+def test_an_optimizer_that_does_not_own_the_module_parameters():
+    m, other = nn.Linear(2, 1), nn.Linear(2, 1)
+
+    @problem(module=m, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    def wrong():
+        return wrong(torch.ones(1, 2)).sum()
+
+    with pytest.raises(CompileError, match=r"the optimizer of 'wrong' \(.*test_runtime.py:\d+\) updates 2 tensor"):
+        Program([wrong])
+
+
+def test_an_optimizer_that_misses_some_parameters():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+
+    @problem(module=m, optimizer=torch.optim.SGD(m[0].parameters(), lr=0.1))
+    def partial():
+        return partial(torch.ones(1, 2)).sum()
+
+    with pytest.raises(CompileError, match=r"does not update 2 trainable parameter\(s\) of its module, e.g. '1.weight'"):
+        Program([partial])
+
+
+def test_an_unknown_method_name_suggests_the_closest():
+    m = nn.Linear(2, 1)
+    with pytest.raises(CompileError, match=r"hypergrad='nueman'.*\n.*\nFix: did you mean 'neumann'\?"):
+        @problem(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), hypergrad="nueman")
+        def typo():
+            return typo(torch.ones(1, 2)).sum()
+
+
+def test_public_arguments_are_type_checked():
+    m = nn.Linear(2, 1)
+    with pytest.raises(UsageError, match=re.escape('problem(): argument "steps" (str) is not an instance of int')):
+        problem(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), steps="3")
+    with pytest.raises(UsageError, match="module"):
+        problem(module="net", optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(UsageError, match="Program"):
+        Program(["not a problem"])
