@@ -90,7 +90,8 @@ def format_plan(plan: Plan) -> str:
              f"period of {len(plan.schedule.period)} iteration(s)", "", "problems (top level first):"]
     for node in sorted(g.nodes, key=lambda n: -n.level):
         extra = "".join(f"  {k}={v}" for k, v in node.spec.info)
-        lines.append(f"  L{node.level} {node.name:<14} steps={node.steps}  hypergrad={node.spec.method_repr}"
+        method = node.spec.method_repr if node.upper else "- (top level)"
+        lines.append(f"  L{node.level} {node.name:<14} steps={node.steps}  hypergrad={method}"
                      f"{extra}  ({node.spec.loc})")
     lines += ["", "edges:"] + [f"  {e.src} -> {e.dst}  ({e.kind.value})" for e in g.edges]
     if not g.edges:
