@@ -24,6 +24,7 @@ from compiler import EdgeKind, Plan, Step, errors
 from mlodsl import _tree as T
 from mlodsl._bindings import LIVE, Bindings, bound, detached
 from mlodsl._data import Batches
+from mlodsl._guard import Guard
 from mlodsl._hypergrad import Unrolled, _unroll
 from mlodsl._lower import LowerView
 from mlodsl._problem import Problem
@@ -91,6 +92,7 @@ class Runtime:
         self.stats: Counter[str] = Counter()
         self.diagnostics: dict[str, Any] = {}
         self._warned: set[str] = set()
+        self.guard = Guard(self)
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] += n
@@ -108,6 +110,10 @@ class Runtime:
 
     def step(self, step: Step) -> None:
         st = self.state[step.problem]
+        with self.guard.transaction(st):
+            self._step(step, st)
+
+    def _step(self, step: Step, st: ProblemState) -> None:
         p = st.problem
         if step.first:
             p.run_hooks("before_unroll")
