@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 
 class Guard:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, nan_policy: str = "raise") -> None:
         self.runtime = runtime
+        self.nan_policy = nan_policy  # "raise" | "skip" (skip: drop the step with a warning, count it)
 
     @contextmanager
     def transaction(self, st: ProblemState) -> Iterator[None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import importlib.machinery
 import importlib.util
 import itertools
@@ -48,7 +49,15 @@ NO_PROBLEMS = (
     "{target} defines no problems.\n"
     "Rule: FILE must define a Program, or functions decorated with @problem(...) at module "
     "level.\n"
-    "Fix: point mlodsl at the file that defines them, e.g. `program = Program([...])`."
+    "Fix: {fix}"
+)
+
+NO_PROBLEMS_FIX = "point mlodsl at the file that defines them, e.g. `program = Program([...])`."
+
+FACTORY_FIX = (
+    "it builds its Program inside {factories}, which mlodsl does not call. Assign one at module "
+    "level (`program = {example}(...)`), or give a function that takes no arguments and returns "
+    "it as FILE:NAME."
 )
 
 MANY_PROGRAMS = (
@@ -59,7 +68,8 @@ MANY_PROGRAMS = (
 
 NO_SUCH_NAME = (
     "{target} has no attribute {name!r} that is a Program, a problem or a list of problems.\n"
-    "Rule: in FILE:NAME, NAME names a module-level Program (or problems) of FILE.\n"
+    "Rule: in FILE:NAME, NAME names a module-level Program (or problems) of FILE, or a function "
+    "that takes no arguments and returns one.\n"
     "Fix: use one of: {names}."
 )
 
@@ -229,8 +239,23 @@ def program_of(module: types.ModuleType, target: str) -> Program:
         raise LoadError(_many_programs(module, target))
     problems = problems_in(module)
     if not problems:
-        raise LoadError(NO_PROBLEMS.format(target=target))
+        raise LoadError(NO_PROBLEMS.format(target=target, fix=_no_problems_fix(module)))
     return Program(problems)
+
+
+def _no_problems_fix(module: types.ModuleType) -> str:
+    """Point at the module's functions annotated ``-> Program``, if there are any."""
+    factories = [name for name, fn in vars(module).items() if _returns_program(fn, module)]
+    if not factories:
+        return NO_PROBLEMS_FIX
+    return FACTORY_FIX.format(factories=", ".join(f"{f}()" for f in factories), example=factories[0])
+
+
+def _returns_program(value: object, module: types.ModuleType) -> bool:
+    if not isinstance(value, types.FunctionType) or value.__module__ != module.__name__:
+        return False
+    annotation = value.__annotations__.get("return")
+    return annotation is Program or annotation in ("Program", "mlodsl.Program")
 
 
 def _many_programs(module: types.ModuleType, target: str) -> str:
@@ -254,8 +279,12 @@ def problems_in(module: types.ModuleType) -> list[Problem]:
 
 
 def program_named(module: types.ModuleType, target: str, name: str) -> Program:
-    """``FILE:NAME``: a Program, a problem, or a list/tuple/dict of problems at module level."""
+    """``FILE:NAME``: a Program, a problem, or a list/tuple/dict of problems at module level;
+    or a function that takes no arguments and returns one of those (it is called)."""
     value = vars(module).get(name)
+    if isinstance(value, types.FunctionType) and _takes_no_arguments(value):
+        with _user_import(None, f"{target}:{name}()", value.__code__.co_filename):
+            value = value()
     if isinstance(value, Program):
         return value
     if isinstance(value, Problem):
@@ -266,6 +295,14 @@ def program_named(module: types.ModuleType, target: str, name: str) -> Program:
     choices = [k for k, v in vars(module).items() if isinstance(v, (Program, Problem))]
     raise LoadError(NO_SUCH_NAME.format(target=target, name=name,
                                         names=", ".join(choices) or "(none)"))
+
+
+def _takes_no_arguments(fn: types.FunctionType) -> bool:
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return False
+    return True
 
 
 def _unique(values: Iterator | list) -> list:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,12 +32,13 @@ class Program:
     """
 
     @public
-    def __init__(self, problems: Sequence[Problem]) -> None:
+    def __init__(self, problems: Sequence[Problem], *, nan_policy: Literal["raise", "skip"] = "raise") -> None:
         self.problems = tuple(problems)
         specs, reach = collect(self.problems)
         self.plan: Plan = compile_specs(specs)
         self.graph: Graph = self.plan.graph
         self._runtime = Runtime(self.plan, {p.name: p for p in self.problems}, reach)
+        self._runtime.guard.nan_policy = nan_policy
 
     @public
     def run(self, iterations: int) -> None:

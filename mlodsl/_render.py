@@ -50,10 +50,10 @@ class EdgeStyle:
 
 
 STYLES = {
-    EdgeKind.U2L: EdgeStyle("u2l", U2L_COLOR, "solid", "upper-to-lower: θ constrains the lower problem"),
-    EdgeKind.L2U: EdgeStyle("l2u", L2U_COLOR, "dashed", "lower-to-upper: the upper loss reads θ*"),
+    EdgeKind.U2L: EdgeStyle("u2l", U2L_COLOR, "solid", "upper-to-lower (θ)"),
+    EdgeKind.L2U: EdgeStyle("l2u", L2U_COLOR, "dashed", "lower-to-upper (θ*)"),
 }
-ADJOINT = EdgeStyle("adjoint", ADJOINT_COLOR, "dotted", "adjoint: one call of the lower problem's hypergrad")
+ADJOINT = EdgeStyle("adjoint", ADJOINT_COLOR, "dotted", "adjoint (one hypergrad call per box)")
 
 NO_RENDERER = (
     "could not render {fmt}: {tried}.\n"
@@ -165,22 +165,21 @@ def edge_attrs(edge: Edge) -> dict[str, str]:
 
 
 def add_legend(dot: graphviz.Digraph, styles: Sequence[EdgeStyle]) -> None:
-    """A boxed legend: one sample arrow per edge style, stacked, with what it means."""
+    """A boxed legend on one row: a sample arrow per edge style, labelled with what it means."""
     with dot.subgraph(name="cluster_legend") as legend:
         legend.attr(label="legend", fontsize="10", style="dashed", color="#999999",
                     **{"class": "legend"})
-        previous = None
-        for i, style in enumerate(styles):
-            head, tail = f"legend_{i}_from", f"legend_{i}_to"
-            with legend.subgraph() as row:
-                row.attr(rank="same")
-                for n in (head, tail):
-                    row.node(n, label="", shape="point", width="0.06", **{"class": "legend"})
-            legend.edge(head, tail, label=style.legend, color=style.color, fontcolor=style.color,
-                        style=style.style, penwidth="1.4", **{"class": f"legend {style.css_class}"})
-            if previous is not None:
-                legend.edge(previous, head, style="invis")
-            previous = head
+        with legend.subgraph() as row:
+            row.attr(rank="same")
+            for i, style in enumerate(styles):
+                for end in ("from", "to"):
+                    row.node(f"legend_{i}_{end}", label="", shape="point", width="0.06",
+                             **{"class": "legend"})
+                row.edge(f"legend_{i}_from", f"legend_{i}_to", label=style.legend, color=style.color,
+                         fontcolor=style.color, style=style.style, penwidth="1.4", minlen="2",
+                         **{"class": f"legend {style.css_class}"})
+                if i:  # keeps the samples in order, left to right
+                    row.edge(f"legend_{i - 1}_to", f"legend_{i}_from", style="invis")
 
 
 # --- the plan ------------------------------------------------------------------
@@ -249,7 +248,7 @@ def add_hypergrad(dot: graphviz.Digraph, hp: HypergradPlan, index: int) -> None:
         c.attr(label=f"hypergradient of {hp.problem}", fontsize="12", color=ADJOINT_COLOR,
                **{"class": "hypergrad"})
         c.node(f"{prefix}_seed", label=f"∂C_{hp.problem}", shape="ellipse", **{"class": "seed"})
-        c.node(f"{prefix}_theta", label=f"∇θ_{hp.problem}", shape="box", style="rounded,filled",
+        c.node(f"{prefix}_theta", label=f"dC_{hp.problem} / dθ_{hp.problem}", shape="box", style="rounded,filled",
                fillcolor="#dde8f3", **{"class": "theta"})
         for j, v in enumerate(hp.visits):
             c.node(visit_ids[v.problem], label=_visit_label(j, v.problem, v.method_repr),
