@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import importlib.machinery
 import importlib.util
+import inspect
 import itertools
 import linecache
 import os
@@ -22,8 +22,9 @@ import re
 import sys
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from compiler.errors import CompileError, MlodslError
 from mlodsl._problem import Problem
@@ -31,7 +32,7 @@ from mlodsl._program import Program
 
 FILE_NOT_FOUND = (
     "{target!r} is neither a Python file nor an importable module.\n"
-    "Rule: FILE is a path to a .py file (e.g. examples/reweight.py) or a dotted module name "
+    "Rule: FILE is a path to a .py file (e.g. examples/quickstart.py) or a dotted module name "
     "(e.g. mypkg.experiment) importable from the current directory.\n"
     "Fix: check the path{hint}."
 )
@@ -73,6 +74,7 @@ NO_SUCH_NAME = (
     "Fix: use one of: {names}."
 )
 
+T = TypeVar("T")
 _counter = itertools.count()
 _SUFFIX = re.compile(r"^(?P<module>.+?):(?P<name>[A-Za-z_]\w*)$")
 
@@ -305,10 +307,10 @@ def _takes_no_arguments(fn: types.FunctionType) -> bool:
     return True
 
 
-def _unique(values: Iterator | list) -> list:
+def _unique(values: Iterable[T]) -> list[T]:
     """Values in order, each object once (identity, not equality)."""
     seen: set[int] = set()
-    out = []
+    out: list[T] = []
     for v in values:
         if id(v) not in seen:
             seen.add(id(v))
