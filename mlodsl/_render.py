@@ -247,12 +247,7 @@ def add_hypergrad(dot: graphviz.Digraph, hp: HypergradPlan, index: int) -> None:
     with dot.subgraph(name=f"cluster_{prefix}") as c:
         c.attr(label=f"hypergradient of {hp.problem}", fontsize="12", color=ADJOINT_COLOR,
                **{"class": "hypergrad"})
-        c.node(f"{prefix}_seed", label=f"∂C_{hp.problem}", shape="ellipse", **{"class": "seed"})
-        c.node(f"{prefix}_theta", label=f"dC_{hp.problem} / dθ_{hp.problem}", shape="box", style="rounded,filled",
-               fillcolor="#dde8f3", **{"class": "theta"})
-        for j, v in enumerate(hp.visits):
-            c.node(visit_ids[v.problem], label=_visit_label(j, v.problem, v.method_repr),
-                   shape="box", **{"class": "visit"})
+        _hypergrad_nodes(c, hp, prefix, visit_ids)
         for seed in hp.seeds:
             _adjoint(c, f"{prefix}_seed", visit_ids[seed], f"v_{seed}")
         for v in hp.visits:
@@ -260,6 +255,18 @@ def add_hypergrad(dot: graphviz.Digraph, hp: HypergradPlan, index: int) -> None:
                 _adjoint(c, visit_ids[v.problem], visit_ids[lower], f"v_{lower}")
             if v.to_upper:
                 _adjoint(c, visit_ids[v.problem], f"{prefix}_theta", "")
+
+
+def _hypergrad_nodes(c: graphviz.Digraph, hp: HypergradPlan, prefix: str,
+                     visit_ids: dict[str, str]) -> None:
+    """The seed ∂C_P, one box per visit (its order, problem and method), and the total dC_P/dθ_P."""
+    p = hp.problem
+    c.node(f"{prefix}_seed", label=f"∂C_{p}", shape="ellipse", **{"class": "seed"})
+    c.node(f"{prefix}_theta", label=f"dC_{p} / dθ_{p}", shape="box", style="rounded,filled",
+           fillcolor="#dde8f3", **{"class": "theta"})
+    for j, v in enumerate(hp.visits):
+        c.node(visit_ids[v.problem], label=_visit_label(j, v.problem, v.method_repr), shape="box",
+               **{"class": "visit"})
 
 
 def _visit_label(order: int, problem: str, method_repr: str) -> str:

@@ -33,7 +33,8 @@ class Item:
 def parse(svg: bytes | str) -> list[Item]:
     """Every node, edge and cluster group in the SVG, in document order."""
     root = ET.fromstring(svg)
-    return [_item(g) for g in root.iter(f"{{{NS['svg']}}}g") if _classes(g) & {"node", "edge", "cluster"}]
+    groups = root.iter(f"{{{NS['svg']}}}g")
+    return [_item(g) for g in groups if _classes(g) & {"node", "edge", "cluster"}]
 
 
 def _classes(g: ET.Element) -> frozenset[str]:

@@ -72,7 +72,8 @@ def test_edges_of_each_kind(drawn, kind):
     program, items = drawn
     css = "u2l" if kind is EdgeKind.U2L else "l2u"
     edges = select(items, "edge", css)
-    assert sorted(e.title for e in edges) == sorted(f"{e.src}->{e.dst}" for e in program.graph.edges_of(kind))
+    expected = sorted(f"{e.src}->{e.dst}" for e in program.graph.edges_of(kind))
+    assert sorted(e.title for e in edges) == expected
     assert len(select(items, "edge")) == len(program.graph.edges)  # no other visible edges
 
 
