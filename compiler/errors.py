@@ -85,6 +85,12 @@ SCHEDULE_TOO_LONG = (
     "Fix: lower steps= on {names}."
 )
 
+BAD_OPTION = (
+    "problem {name!r} ({loc}) has {option}={value!r}.\n"
+    "Rule: {option} must be {expected}.\n"
+    "Fix: pass {option} as {expected}, or leave it out for the default."
+)
+
 # --- run-time texts ---------------------------------------------------------
 
 LOSS_NOT_TENSOR = (
@@ -158,4 +164,169 @@ ZERO_GRADIENT = (
     "lower problems whose hypergradient method is first_order.\n"
     "Fix: give those lower problems another method (e.g. hypergrad='fd' or Neumann()), or "
     "make the loss of {name!r} depend on its parameters directly."
+)
+
+NEUMANN_DIVERGES = (
+    "the Neumann series of {name!r} ({loc}) diverges: its last term is {growth:.3g}× the first "
+    "(alpha={alpha:g}).\n"
+    "Rule: the series α Σ (I − αH)^i v converges only when α is below 2 / (largest eigenvalue of H).\n"
+    "Fix: lower alpha, e.g. Neumann(iterations=..., alpha={half:g}), or use CG(damping=...)."
+)
+
+CG_UNCONVERGED = (
+    "the conjugate-gradient solve of {name!r} ({loc}) has not reduced its residual: "
+    "‖r‖/‖v‖ = {residual:.3g} after {iterations} iterations.\n"
+    "Rule: CG's answer is only as good as its residual; a large one means a poor hypergradient.\n"
+    "Fix: raise iterations (CG(iterations=...)), or add damping (CG(damping=0.1)) if the Hessian "
+    "is indefinite or ill-conditioned."
+)
+
+CG_INDEFINITE = (
+    "the Hessian of {name!r} ({loc}) is not positive definite where CG used it (curvature "
+    "{curvature:.3g} along a search direction).\n"
+    "Rule: conjugate gradients solves H p = v only for a positive definite H, i.e. near a minimum.\n"
+    "Fix: add damping (CG(damping=...) larger than the most negative curvature), take more lower "
+    "steps before the upper one (steps=...), or use Neumann(alpha=...)."
+)
+
+# --- issue 4: the catalogue of mistakes ---------------------------------------------------
+
+
+class MlodslWarning(UserWarning):
+    """A program that compiles and runs, but probably not as meant (a level no data flows
+    through, a step skipped under ``nan_policy="skip"``). Make it an error with
+    ``warnings.simplefilter("error", mlodsl.MlodslWarning)``."""
+
+
+class NonFiniteError(ProblemError):
+    """A NaN or Inf loss or gradient: what ``nan_policy="skip"`` drops instead of raising."""
+
+
+# compile time, torch side (raised by mlodsl._collect)
+
+OPTIMIZER_FOREIGN_PARAMS = (
+    "the optimizer of {name!r} ({loc}) updates {count} tensor(s) that are not parameters of its "
+    "module ({module}).\n"
+    "Rule: a problem's optimizer is built on its own module's parameters, and only those.\n"
+    "Fix: build it as `{opt}(module.parameters(), ...)` on the module passed as module=."
+)
+
+OPTIMIZER_MISSES_PARAMS = (
+    "the optimizer of {name!r} ({loc}) does not update {count} trainable parameter(s) of its "
+    "module, e.g. {example!r}.\n"
+    "Rule: every trainable parameter (requires_grad=True) of the module belongs to the optimizer.\n"
+    "Fix: build the optimizer on module.parameters(), or freeze those parameters with "
+    "requires_grad_(False)."
+)
+
+OPTIMIZER_NEEDS_CLOSURE = (
+    "the optimizer of {name!r} ({loc}) is {opt}, whose step() needs a closure that re-evaluates "
+    "the loss.\n"
+    "Rule: mlodsl applies the total gradient (direct + hypergradient) with one optimizer.step().\n"
+    "Fix: use an optimizer that steps without a closure (SGD, Adam, AdamW, RMSprop, ...)."
+)
+
+NO_PARAMETERS = (
+    "the module of {name!r} ({loc}) has no trainable parameters.\n"
+    "Rule: a problem optimizes θ, the trainable parameters of its module.\n"
+    "Fix: pass the module that holds θ as module=, or unfreeze its parameters."
+)
+
+UNROLL_UNSUPPORTED = (
+    "problem {name!r} ({loc}) uses hypergrad=Unrolled() with optimizer {opt}, which mlodsl "
+    "cannot differentiate through.\n"
+    "Rule: Unrolled() replays SGD, Adam or AdamW updates.\n"
+    "Fix: use one of those optimizers, or another method such as Neumann() or CG()."
+)
+
+SHARED_PARAMETER = (
+    "problems {name!r} ({loc}) and {other!r} ({other_loc}) both train the parameter {param!r} "
+    "(of the module of {name!r}; {count} shared in all).\n"
+    "Rule: each trainable parameter belongs to one problem: θ of one problem is the data of "
+    "another, read by calling that problem.\n"
+    "Fix: give each problem its own module; for {other!r} to read the parameters of {name!r}, "
+    "call `{name}(...)` in its loss. A shared part that neither trains can stay shared if frozen "
+    "(requires_grad_(False))."
+)
+
+SAME_PROBLEM_TWICE = (
+    "problem {name!r} ({loc}) is passed to Program([...]) twice.\n"
+    "Rule: a Program takes each problem once.\n"
+    "Fix: remove the second {name!r} from the list."
+)
+
+SCHEDULER_FOREIGN_OPTIMIZER = (
+    "the scheduler of {name!r} ({loc}), a {scheduler}, is built on another optimizer than the "
+    "problem's ({opt}).\n"
+    "Rule: scheduler= changes the learning rate of the problem's own optimizer.\n"
+    "Fix: build it on that optimizer, e.g. `opt = {opt}(...); scheduler = {scheduler}(opt, ...)` "
+    "with the same `opt` passed as optimizer=."
+)
+
+SCHEDULER_NEEDS_ARGUMENT = (
+    "the scheduler of {name!r} ({loc}), a {scheduler}, needs an argument to step ({signature}).\n"
+    "Rule: mlodsl calls scheduler.step() with no argument after each optimizer step.\n"
+    "Fix: use a scheduler that steps on its own (StepLR, CosineAnnealingLR, LambdaLR, ...), or "
+    "step it yourself in an @{name}.after_step hook and leave scheduler= out."
+)
+
+LOSS_SIGNATURE = (
+    "the loss of {name!r} ({loc}) {takes}, but {data}.\n"
+    "Rule: with data=None the loss takes no argument; with data= it takes one, the batch.\n"
+    "Fix: {fix}"
+)
+
+NO_DATAFLOW = (
+    "problem {lower!r} ({lower_loc}) lists {upper!r} ({upper_loc}) in upper=, but no data flows "
+    "between {upper!r} and {lower!r} or the problems below it: the loss of {upper!r} reads none "
+    "of their optima and none of their losses reads the parameters of {upper!r}.\n"
+    "Rule: an upper problem reads the optimum of a lower one, or constrains it; otherwise the "
+    "level only orders the steps, and {upper!r} gets no hypergradient through {lower!r}.\n"
+    "Fix: call `{lower}(...)` in the loss of {upper!r} or `{upper}(...)` in the loss of "
+    "{lower!r} (or declare it with uses=), or remove {upper!r} from upper= of {lower!r}. If the "
+    "levels only order the steps on purpose, silence this with "
+    "warnings.filterwarnings('ignore', category=mlodsl.MlodslWarning)."
+)
+
+# run time
+
+DEVICE_MISMATCH_MODULES = (
+    "the modules that the loss of {name!r} ({loc}) calls are on different devices: {devices}.\n"
+    "Rule: one program runs on one device.\n"
+    "Fix: move every problem's module to one device, e.g. `module.to('cuda')` on each, or pass "
+    "Program(..., device='cuda')."
+)
+
+DEVICE_MISMATCH_BATCH = (
+    "the loss of {name!r} ({loc}) raised {error} at {where}: its batch is on {batch_devices}, "
+    "but {modules}.\n"
+    "Rule: a batch and the modules it meets are on one device; the step was rolled back.\n"
+    "Fix: move the batch in the loss (`x = x.to({device!r})`), build the data on that device, or "
+    "pass Program(..., device={device!r}), which moves every module and batch."
+)
+
+BATCH_STRUCTURE = (
+    "the loss of {name!r} ({loc}) could not take its batch apart: {error} at {where}.\n"
+    "The data of {name!r} yields {batch}.\n"
+    "Rule: the loss receives each batch exactly as data= yields it; the step was rolled back.\n"
+    "Fix: unpack what the data yields (a DataLoader over TensorDataset(x, y) yields [x, y]; a "
+    "list of tensors yields one tensor per step), or change data= to yield what the loss expects."
+)
+
+LOSS_RAISED = (
+    "the loss of {name!r} ({loc}) raised {error} at {where}, on a batch {batch}.\n"
+    "Rule: a failing step is rolled back; no parameter, optimizer or data position changed.\n"
+    "Fix: see the error above, raised from your code at {where}."
+)
+
+STEP_FAILED = (
+    "the step of {name!r} ({loc}) failed: {error} at {where}.\n"
+    "Rule: a failing step is rolled back: parameters, buffers, optimizer and scheduler state, "
+    "counters and data positions are as they were before it.\n"
+    "Fix: see the error above (raised from {where}: a hook, the scheduler or the optimizer); "
+    "after fixing it, program.run(...) continues with the step that failed."
+)
+
+STEP_SKIPPED = (
+    "step {step} of {name!r} ({loc}) was skipped (nan_policy='skip'), {count} so far: {reason}"
 )

@@ -10,10 +10,13 @@ See DESIGN.md for the contract.
 """
 
 from compiler.errors import CompileError, MlodslError, ProblemError, UsageError
-from mlodsl import hypergrad
+from mlodsl import hypergrad, loggers
+from mlodsl._checkpoint import CheckpointError
+from mlodsl._loop import EarlyStopping, History
 from mlodsl._problem import Problem, problem
 from mlodsl._program import Program
+from mlodsl._solvers import SolverWarning
 
-__all__ = ["CompileError", "MlodslError", "Problem", "ProblemError", "Program", "UsageError",
-           "hypergrad", "problem"]
+__all__ = ["CheckpointError", "CompileError", "EarlyStopping", "History", "MlodslError", "Problem",
+           "ProblemError", "Program", "SolverWarning", "UsageError", "hypergrad", "loggers", "problem"]
 __version__ = "0.1.0"

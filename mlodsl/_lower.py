@@ -96,9 +96,9 @@ class LowerView:
         kind = type(self.problem.optimizer)
         theta = [t.clone().requires_grad_(True) for t in window.theta]
         states = window.states
-        for batch, hps in window.steps:
+        for batches, hps in window.steps:
             self.runtime.count("unrolled_update")
-            loss = self.loss(live=False, theta=theta, batch=batch)
+            loss = sum(self.loss(live=False, theta=theta, batch=b) for b in batches) / len(batches)
             grads = T.fill_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
             updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]
             theta = [u[0] for u in updated]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
 import torch
+from attrs import frozen
 from torch import nn
 
 from compiler.ir import SourceLoc
@@ -31,6 +32,25 @@ def source_loc(fn: Callable) -> SourceLoc:
     return SourceLoc(file=path, line=code.co_firstlineno)
 
 
+@frozen
+class Options:
+    """Per-problem training options.
+
+    ``clip_grad_norm``: clip the total gradient (direct + hypergradient) to this
+    norm before each optimizer step. ``grad_accumulation``: each step averages
+    the gradients of this many batches. ``warmup``: the problem does not step
+    during the program's first ``warmup`` iterations (an upper problem then
+    starts after its lowers' first steps). ``roll_back``: after an upper problem
+    steps, restore this (lower) problem's parameters, buffers and optimizer
+    state to where they were when its last round of ``steps`` began.
+    """
+
+    clip_grad_norm: float | None = None
+    grad_accumulation: int = 1
+    warmup: int = 0
+    roll_back: bool = False
+
+
 class Problem:
     """One optimization problem: θ (``module``), its loss, optimizer, data and place in the hierarchy.
 
@@ -40,7 +60,8 @@ class Problem:
 
     def __init__(self, fn: Callable, *, module: nn.Module, optimizer: torch.optim.Optimizer,
                  data: Iterable | None, upper: Sequence[UpperRef], hypergrad: HypergradMethod,
-                 steps: int, scheduler: Any, name: str, uses: Sequence[UpperRef]) -> None:
+                 steps: int, scheduler: Any, name: str, uses: Sequence[UpperRef],
+                 options: Options = Options()) -> None:
         self.fn = fn
         self.module = module
         self.optimizer = optimizer
@@ -51,6 +72,7 @@ class Problem:
         self.scheduler = scheduler
         self.name = name
         self.uses = tuple(uses)
+        self.options = options
         self.loc = source_loc(fn)
         self.hooks: dict[str, list[Hook]] = {"after_step": [], "before_unroll": [], "after_unroll": []}
         self.__doc__ = fn.__doc__
@@ -110,7 +132,9 @@ class Problem:
 def problem(*, module: nn.Module, optimizer: torch.optim.Optimizer, data: Iterable | None = None,
             upper: Sequence[Problem | str] = (), hypergrad: HypergradMethod | str | None = None,
             steps: int = 1, scheduler: Any = None, name: str | None = None,
-            uses: Sequence[Problem | str] = ()) -> Callable[[Callable], Problem]:
+            uses: Sequence[Problem | str] = (), clip_grad_norm: float | None = None,
+            grad_accumulation: int = 1, warmup: int = 0, roll_back: bool = False
+            ) -> Callable[[Callable], Problem]:
     """Turn a loss function into a :class:`Problem` (DESIGN §1).
 
     ``module`` holds θ; ``optimizer`` is built on its parameters; ``data`` is any
@@ -119,13 +143,18 @@ def problem(*, module: nn.Module, optimizer: torch.optim.Optimizer, data: Iterab
     pass through this problem's solution (default ``FiniteDifference()``);
     ``steps`` optimizer steps are taken before each step of the upper problems;
     ``scheduler`` is stepped with the optimizer; ``uses`` declares references
-    the loss's code does not show.
+    the loss's code does not show. ``clip_grad_norm``, ``grad_accumulation``,
+    ``warmup`` and ``roll_back`` are described in :class:`Options`.
     """
+    options = Options(clip_grad_norm=clip_grad_norm, grad_accumulation=grad_accumulation,
+                      warmup=warmup, roll_back=roll_back)
+
     def decorate(fn: Callable) -> Problem:
         method = _method_for(fn, hypergrad)
+        _check_options(fn, options)
         return Problem(fn, module=module, optimizer=optimizer, data=data, upper=upper,
                        hypergrad=method, steps=steps, scheduler=scheduler,
-                       name=name or fn.__name__, uses=uses)
+                       name=name or fn.__name__, uses=uses, options=options)
 
     return decorate
 
@@ -138,3 +167,14 @@ def _method_for(fn: Callable, spec: HypergradMethod | str | None) -> HypergradMe
         raise errors.CompileError(errors.UNKNOWN_METHOD.format(
             name=getattr(fn, "__name__", "?"), loc=source_loc(fn), method=e.name,
             known=", ".join(sorted(REGISTRY)), fix=fix)) from None
+
+
+def _check_options(fn: Callable, options: Options) -> None:
+    checks = [("clip_grad_norm", options.clip_grad_norm is None or options.clip_grad_norm > 0, "a positive float"),
+              ("grad_accumulation", options.grad_accumulation >= 1, "an int >= 1"),
+              ("warmup", options.warmup >= 0, "an int >= 0")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise errors.CompileError(errors.BAD_OPTION.format(
+                name=getattr(fn, "__name__", "?"), loc=source_loc(fn), option=name,
+                value=getattr(options, name), expected=expected))

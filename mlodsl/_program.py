@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
 from compiler import Graph, Plan, compile_specs, errors
+from mlodsl import _checkpoint
 from mlodsl._check import public
 from mlodsl._collect import collect
+from mlodsl._loop import EarlyStopping, History, Loop
 from mlodsl._problem import Problem
 from mlodsl._runtime import Runtime
+from mlodsl.loggers import Logger
 
-NOT_A_PROBLEM = (
-    "Program([...]) got {got!r} at position {index}, which is not a problem.\n"
-    "Rule: Program takes the functions decorated with @problem(...).\n"
-    "Fix: decorate it with @problem(module=..., optimizer=...), or remove it from the list."
-)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Program:
@@ -29,26 +30,62 @@ class Program:
     ``program.plan`` the plan (``print`` it), ``program.run(iterations=N)``
     executes N iterations (steps of the lowermost problems), continuing where
     the previous ``run`` stopped.
+
+    ``device`` moves every module (and each batch, as it is drawn) to a device;
+    ``precision`` ("fp32", "bf16", "fp16") evaluates losses under autocast;
+    ``seed`` seeds torch, Python and NumPy (set it before building modules for
+    full determinism); ``nan_policy`` says what a non-finite loss or gradient
+    does ("raise", or "skip" the step with a warning); ``solvers`` says what
+    unhealthy solver diagnostics do ("warn", "raise" or "off").
     """
 
     @public
-    def __init__(self, problems: Sequence[Problem], *, nan_policy: Literal["raise", "skip"] = "raise") -> None:
+    def __init__(self, problems: Sequence[Problem], *, device: str | torch.device | None = None,
+                 precision: Literal["fp32", "bf16", "fp16"] = "fp32", seed: int | None = None,
+                 nan_policy: Literal["raise", "skip"] = "raise",
+                 solvers: Literal["warn", "raise", "off"] = "warn") -> None:
         self.problems = tuple(problems)
         specs, reach = collect(self.problems)
         self.plan: Plan = compile_specs(specs)
         self.graph: Graph = self.plan.graph
-        self._runtime = Runtime(self.plan, {p.name: p for p in self.problems}, reach)
+        if seed is not None:
+            _seed_everything(seed)
+        dev = torch.device(device) if device is not None else None
+        if dev is not None:
+            for p in self.problems:
+                p.module.to(dev)
+        self._runtime = Runtime(self.plan, {p.name: p for p in self.problems}, reach,
+                                device=dev, autocast=PRECISIONS[precision])
         self._runtime.guard.nan_policy = nan_policy
+        self._runtime.solver_policy = solvers
 
     @public
-    def run(self, iterations: int) -> None:
-        """Run ``iterations`` more iterations of the schedule."""
+    def run(self, iterations: int, *, progress: bool | None = None, log_every: int | None = None,
+            loggers: Sequence[Logger] | None = None,
+            validate: Callable[[Program], Mapping[str, float]] | None = None,
+            validate_every: int | None = None, early_stopping: EarlyStopping | None = None,
+            checkpoint_every: int | None = None, checkpoint_dir: str | os.PathLike | None = None) -> History:
+        """Run ``iterations`` more iterations of the schedule.
+
+        ``progress`` shows a tqdm bar with each problem's latest loss (default:
+        when stderr is a terminal). Every ``log_every`` iterations, metrics go to
+        ``loggers`` (default: the console). Every ``validate_every`` iterations
+        ``validate(program)`` returns a dict of metrics; ``early_stopping``
+        stops on one of them and keeps ``best.pt``. Every ``checkpoint_every``
+        iterations ``checkpoint_dir/last.pt`` is written atomically. Ctrl-C
+        finishes the current step, writes ``last.pt`` and raises KeyboardInterrupt.
+        """
         if iterations < 0:
             raise errors.UsageError(f"Program.run(): iterations={iterations} must be >= 0.")
-        self._runtime.run(iterations)
+        return Loop(self, iterations, progress=progress, log_every=log_every, loggers=loggers,
+                    validate=validate, validate_every=validate_every, early_stopping=early_stopping,
+                    checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir).run()
 
     def __getitem__(self, name: str) -> Problem:
-        return next(p for p in self.problems if p.name == name)
+        for p in self.problems:
+            if p.name == name:
+                return p
+        raise KeyError(f"no problem named {name!r}; the problems are {[p.name for p in self.problems]}")
 
     @property
     def iteration(self) -> int:
@@ -69,8 +106,19 @@ class Program:
         return dict(self._runtime.diagnostics)
 
     def losses(self) -> dict[str, float]:
-        """The loss of each problem at its latest step."""
+        """The loss of each problem at its latest step (a device sync)."""
         return {n: float(s.last_loss) for n, s in self._runtime.state.items() if s.last_loss is not None}
+
+    def metrics(self) -> dict[str, float]:
+        """Loss, gradient norm and learning rate per problem, and solver diagnostics (a device sync)."""
+        out: dict[str, float] = {}
+        for name, st in self._runtime.state.items():
+            if st.last_loss is not None:
+                out[f"{name}/loss"] = float(st.last_loss)
+                out[f"{name}/grad_norm"] = float(st.grad_norm) if st.grad_norm is not None else float("nan")
+            out[f"{name}/lr"] = st.problem.lr
+        out.update({k: float(v) for k, v in sorted(self._runtime.diagnostics.items())})
+        return out
 
     def gradient(self, problem: Problem | str, batch: Any = None) -> list[torch.Tensor]:
         """The total gradient dC_P/dθ_P that P's next step would apply, without stepping.
@@ -80,10 +128,35 @@ class Program:
         """
         p = problem if isinstance(problem, Problem) else self[problem]
         st = self._runtime.state[p.name]
-        if batch is None:
-            batch = st.batches.next()
+        batch = self._runtime.to_device(st.batches.next() if batch is None else batch)
         grads, _ = self._runtime.total_gradient(p, batch)
         return [g.detach() for g in grads]
 
+    # -- checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Modules, optimizers, schedulers, schedule counters, data positions and RNG states."""
+        return _checkpoint.state_dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _checkpoint.load_state_dict(self, state)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint atomically (a crash mid-write leaves the previous file)."""
+        _checkpoint.save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save`; the next ``run`` continues exactly."""
+        _checkpoint.load_state_dict(self, _checkpoint.load(path), path=str(path))
+
     def __repr__(self) -> str:
         return f"Program({[p.name for p in self.problems]})"
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass

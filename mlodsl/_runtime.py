@@ -11,77 +11,35 @@ failing step leaves parameters, optimizer state and counters as they were.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import warnings
 
-import attrs
 import torch
+from torch.utils._pytree import tree_map_only
 
 from compiler import EdgeKind, Plan, Step, errors
 from mlodsl import _tree as T
 from mlodsl._bindings import LIVE, Bindings, bound, detached
-from mlodsl._data import Batches
 from mlodsl._guard import Guard
-from mlodsl._hypergrad import Unrolled, _unroll
+from mlodsl._hypergrad import Unrolled
 from mlodsl._lower import LowerView
 from mlodsl._problem import Problem
-
-
-@attrs.define
-class Window:
-    """The updates ``Unrolled`` replays: a snapshot of θ and optimizer state, then (batch, settings)."""
-
-    theta: list[torch.Tensor]
-    states: list[dict]
-    steps: list[tuple[Any, list[dict]]] = attrs.field(factory=list)
-
-
-class ProblemState:
-    """What the runtime keeps per problem between steps."""
-
-    def __init__(self, problem: Problem, reach: Sequence[Problem], records_unroll: bool) -> None:
-        self.problem = problem
-        self.reach = tuple(reach)
-        self.batches = Batches(problem.name, problem.loc, problem.data)
-        self.last_batch: Any = None
-        self.has_batch = False
-        self.count = 0
-        self.last_loss: torch.Tensor | None = None
-        self.records_unroll = records_unroll
-        self.window: Window | None = None     # the last complete round (+ the round in progress)
-        self._pending: Window | None = None
-
-    def current_batch(self) -> Any:
-        """The batch of Q's last step (what methods evaluate C_Q on); drawn once if Q never stepped."""
-        if not self.has_batch:
-            self.last_batch, self.has_batch = self.batches.next(), True
-        return self.last_batch
-
-    def begin_round(self) -> None:
-        if self.records_unroll:
-            p = self.problem
-            self._pending = Window(theta=[t.detach().clone() for t in p.params],
-                                   states=_unroll.snapshot_state(p.optimizer, p.params))
-
-    def record_update(self, batch: Any) -> None:
-        if self.records_unroll and self._pending is not None:
-            entry = (batch, _unroll.hyperparams(self.problem.optimizer, self.problem.params))
-            self._pending.steps.append(entry)
-            if self.window is not None and self.window is not self._pending:
-                self.window.steps.append(entry)
-
-    def end_round(self) -> None:
-        if self.records_unroll and self._pending is not None:
-            self.window, self._pending = self._pending, None
+from mlodsl._solvers import check_solvers
+from mlodsl._state import ProblemState
 
 
 class Runtime:
-    def __init__(self, plan: Plan, problems: Mapping[str, Problem], reach: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, plan: Plan, problems: Mapping[str, Problem], reach: Mapping[str, Sequence[str]],
+                 device: torch.device | None = None, autocast: torch.dtype | None = None) -> None:
         self.plan = plan
         self.problems = dict(problems)
+        self.device = device
+        self.autocast = autocast
+        self.solver_policy = "warn"  # "warn" | "raise" | "off": what unhealthy solver diagnostics do
         self.state = {
             name: ProblemState(p, [self.problems[r] for r in reach[name]],
                                isinstance(p.hypergrad, Unrolled) and bool(plan.graph.node(name).upper))
@@ -92,6 +50,8 @@ class Runtime:
         self.stats: Counter[str] = Counter()
         self.diagnostics: dict[str, Any] = {}
         self._warned: set[str] = set()
+        self.warned_solvers: set[tuple[str, str]] = set()
+        self.stop_requested: Callable[[], bool] | None = None  # set by the training loop (Ctrl-C)
         self.guard = Guard(self)
 
     def count(self, key: str, n: int = 1) -> None:
@@ -99,14 +59,20 @@ class Runtime:
 
     # -- the schedule ------------------------------------------------------------
     def run(self, iterations: int) -> None:
-        end = self.iteration + iterations
-        while self.iteration < end:
-            steps = self.plan.schedule.iteration(self.iteration).steps
-            while self.position < len(steps):
-                self.step(steps[self.position])
-                self.position += 1
-            self.iteration += 1
-            self.position = 0
+        for _ in range(iterations):
+            self.run_iteration()
+
+    def run_iteration(self) -> None:
+        """Finish the current iteration of the schedule (from where a failed step left it)."""
+        steps = self.plan.schedule.iteration(self.iteration).steps
+        while self.position < len(steps):
+            self.step(steps[self.position])
+            self.position += 1
+            if self.stop_requested is not None and self.stop_requested() and self.position < len(steps):
+                from mlodsl._loop import _Stopped
+                raise _Stopped
+        self.iteration += 1
+        self.position = 0
 
     def step(self, step: Step) -> None:
         st = self.state[step.problem]
@@ -115,20 +81,19 @@ class Runtime:
 
     def _step(self, step: Step, st: ProblemState) -> None:
         p = st.problem
+        if self.iteration < p.options.warmup:
+            self.count(f"warmup/{p.name}")
+            return
         if step.first:
             p.run_hooks("before_unroll")
             st.begin_round()
-        batch = st.batches.next()
-        grads, loss = self.total_gradient(p, batch)
+        batches = [self.to_device(st.batches.next()) for _ in range(p.options.grad_accumulation)]
+        grads, loss = self.accumulated_gradient(p, batches)
         self._check_finite(p, loss, grads, st.count)
-        st.record_update(batch)
-        for t, g in zip(p.params, grads):
-            t.grad = g.detach()
-        p.optimizer.step()
-        p.optimizer.zero_grad(set_to_none=True)
-        if p.scheduler is not None:
-            p.scheduler.step()
-        st.last_batch, st.has_batch = batch, True
+        first_hypergradient = st.count == 0 and bool(self.plan.hypergrad(p.name).visits)
+        st.record_update(batches)
+        self._apply(st, grads)
+        st.last_batch, st.has_batch = batches[-1], True
         st.last_loss = loss.detach()
         st.count += 1
         self.count(f"steps/{p.name}")
@@ -136,6 +101,29 @@ class Runtime:
         if step.last:
             st.end_round()
             p.run_hooks("after_unroll")
+        for low in self.plan.graph.lowers(p.name):
+            self.state[low].roll_back()
+        if first_hypergradient:
+            check_solvers(self, p.name)
+
+    def _apply(self, st: ProblemState, grads: T.Vec) -> None:
+        """Clip, step the optimizer and the scheduler; keep the gradient norm (no sync)."""
+        p = st.problem
+        for t, g in zip(p.params, grads):
+            t.grad = g.detach()
+        if p.options.clip_grad_norm is not None:
+            st.grad_norm = torch.nn.utils.clip_grad_norm_(p.params, p.options.clip_grad_norm)
+        else:
+            st.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        if p.scheduler is not None:
+            p.scheduler.step()
+
+    def to_device(self, batch: Any) -> Any:
+        if self.device is None:
+            return batch
+        return tree_map_only(torch.Tensor, lambda t: t.to(self.device, non_blocking=True), batch)
 
     # -- gradients ---------------------------------------------------------------
     def evaluate(self, p: Problem, batch: Any, live: Iterable[Problem] = (),
@@ -146,7 +134,7 @@ class Runtime:
         for r in self.state[p.name].reach:
             table[r] = override[r] if r in override else (LIVE if r in live else detached(r))
         try:
-            with bound(Bindings(p, table)):
+            with bound(Bindings(p, table)), self._autocast():
                 out = p.fn() if p.data is None else p.fn(batch)
         except errors.MlodslError:
             raise
@@ -155,6 +143,21 @@ class Runtime:
                 name=p.name, loc=p.loc, error=f"{type(e).__name__}: {e}")) from e
         _check_loss(p, out)
         return out
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        device_type = self.device.type if self.device is not None else "cpu"
+        return torch.autocast(device_type=device_type, dtype=self.autocast)
+
+    def accumulated_gradient(self, p: Problem, batches: list[Any]) -> tuple[T.Vec, torch.Tensor]:
+        """The total gradient averaged over ``batches`` (``grad_accumulation``), and the mean loss."""
+        grads, loss = self.total_gradient(p, batches[0])
+        for batch in batches[1:]:
+            more, more_loss = self.total_gradient(p, batch)
+            grads, loss = T.add(grads, more), loss + more_loss
+        n = len(batches)
+        return (grads, loss) if n == 1 else (T.scale(grads, 1.0 / n), loss / n)
 
     def total_gradient(self, p: Problem, batch: Any) -> tuple[T.Vec, torch.Tensor]:
         """dC_P/dθ_P: the direct gradient plus every path through the lower optima (DESIGN §3)."""
@@ -205,3 +208,17 @@ def _check_loss(p: Problem, out: Any) -> None:
             name=p.name, loc=p.loc, got=f"{type(out).__name__} {out!r}"[:80]))
     if out.numel() != 1:
         raise errors.ProblemError(errors.LOSS_NOT_SCALAR.format(name=p.name, loc=p.loc, shape=tuple(out.shape)))
+
+
+def state_dict(runtime: Runtime) -> dict[str, Any]:
+    return {"iteration": runtime.iteration, "position": runtime.position, "stats": dict(runtime.stats),
+            "problems": {n: st.state_dict() for n, st in runtime.state.items()}}
+
+
+def load_state_dict(runtime: Runtime, sd: dict[str, Any]) -> None:
+    runtime.iteration, runtime.position = sd["iteration"], sd["position"]
+    runtime.stats = Counter(sd["stats"])
+    for name, st in runtime.state.items():
+        st.load_state_dict(sd["problems"][name])
+        if runtime.device is not None:
+            st.to_device(runtime.to_device)

@@ -169,10 +169,10 @@ def test_unrolled_replay_reproduces_torch_optim_and_its_jacobian(name):
         theta = [t.clone() for t in window.theta]
         states = window.states
         from mlodsl._hypergrad import _unroll
-        for batch, hps in window.steps:
+        for batches, hps in window.steps:
             with torch.enable_grad():
                 th = [t.detach().requires_grad_(True) for t in theta]
-                loss = view.loss(live=False, theta=th, batch=batch)
+                loss = view.loss(live=False, theta=th, batch=batches[0])
                 grads = torch.autograd.grad(loss, th)
             new = [_unroll.update(type(program["ridge"].optimizer), p, gr, s, hp)
                    for p, gr, s, hp in zip(th, grads, states, hps)]

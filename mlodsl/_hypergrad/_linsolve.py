@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from mlodsl import _tree as T
 
 HVP = Callable[[T.Vec], T.Vec]
@@ -18,7 +20,8 @@ def neumann(hvp: HVP, v: T.Vec, iterations: int, alpha: float) -> tuple[T.Vec, d
     for _ in range(iterations):
         term = T.add(term, hvp(term), -alpha)
         acc = T.add(acc, term)
-    return T.scale(acc, alpha), {"last_term_norm": T.norm(term)}
+    last = T.norm(term)
+    return T.scale(acc, alpha), {"neumann_last_term_norm": last, "neumann_growth": last / T.norm(v)}
 
 
 def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> tuple[T.Vec, dict]:
@@ -31,15 +34,20 @@ def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> t
     r = list(v)
     d = list(r)
     rs = T.dot(r, r)
+    curvature = torch.as_tensor(float("inf"))  # min over directions of dᵀ(H+λI)d / dᵀd
     for _ in range(iterations):
         if float(rs) == 0.0:
             break
         hd = hvp(d)
         ad = T.add(hd, d, damping) if damping else hd
-        step = rs / T.dot(d, ad)
+        dad = T.dot(d, ad)
+        curvature = torch.minimum(curvature.to(dad), dad / T.dot(d, d))
+        step = rs / dad
         x = T.add(x, d, step)
         r = T.add(r, ad, -step)
         rs_new = T.dot(r, r)
         d = T.add(r, d, rs_new / rs)
         rs = rs_new
-    return x, {"residual_norm": rs.sqrt() if hasattr(rs, "sqrt") else rs ** 0.5}
+    residual = torch.as_tensor(rs).sqrt()
+    return x, {"cg_residual_norm": residual, "cg_relative_residual": residual / T.norm(v),
+               "cg_min_curvature": curvature}
