@@ -85,10 +85,15 @@ def accuracy(net: nn.Module, data) -> float:
     return float((net(x).argmax(1) == y).float().mean())
 
 
+NOISE = 0.4
+TRAIN, META, TEST = digits(NOISE)
+program = build(TRAIN, META)  # module level, so that `mlodsl graph examples/quickstart.py` can draw it
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=1500, help="classifier steps")
-    parser.add_argument("--noise", type=float, default=0.4, help="fraction of training labels resampled")
+    parser.add_argument("--noise", type=float, default=NOISE, help="fraction of training labels resampled")
     args = parser.parse_args(argv)
     train, meta, test = digits(args.noise)
     program = build(train, meta)

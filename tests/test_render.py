@@ -258,9 +258,9 @@ def test_system_dot_draws_the_same_picture(diamond):
 
 @pytest.mark.parametrize("name,plan", [("diamond.svg", False), ("diamond-plan.svg", True)])
 def test_the_pictures_in_docs_are_current(diamond, name, plan):
-    """docs/ shows what the CLI draws today; regenerate with the commands in docs/cli.md."""
+    """docs/ shows what the CLI draws today; regenerate with the commands in README.md."""
     figure = plan_figure(diamond.plan) if plan else graph_figure(diamond.graph)
     key = lambda items: [(i.classes, i.title, i.texts, i.strokes, i.dashed) for i in items]
     now = svg_of(figure, "graphviz-pure")
     assert key(parse((ROOT / "docs" / name).read_bytes())) == key(now), \
-        f"docs/{name} is stale: run the command in docs/cli.md"
+        f"docs/{name} is stale: run the command in README.md (the mlodsl command section)"
