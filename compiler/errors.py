@@ -147,12 +147,6 @@ DATA_RAN_DRY = (
     "or generator."
 )
 
-LOSS_FAILED = (
-    "the loss of {name!r} ({loc}) raised {error}.\n"
-    "Rule: the step was rolled back, no parameter or optimizer state changed.\n"
-    "Fix: see the error above (raised from your function)."
-)
-
 UNKNOWN_METHOD = (
     "problem {name!r} ({loc}) asks for hypergrad={method!r}, which is not a hypergradient method.\n"
     "Rule: known names are {known}.\n"
@@ -328,5 +322,6 @@ STEP_FAILED = (
 )
 
 STEP_SKIPPED = (
-    "step {step} of {name!r} ({loc}) was skipped (nan_policy='skip'), {count} so far: {reason}"
+    "a step of {name!r} ({loc}) in iteration {iteration} was skipped (nan_policy='skip'; "
+    "{count} so far): {reason}"
 )

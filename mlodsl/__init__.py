@@ -9,7 +9,7 @@
 See DESIGN.md for the contract.
 """
 
-from compiler.errors import CompileError, MlodslError, ProblemError, UsageError
+from compiler.errors import CompileError, MlodslError, MlodslWarning, ProblemError, UsageError
 from mlodsl import hypergrad, loggers
 from mlodsl._checkpoint import CheckpointError
 from mlodsl._loop import EarlyStopping, History
@@ -17,6 +17,7 @@ from mlodsl._problem import Problem, problem
 from mlodsl._program import Program
 from mlodsl._solvers import SolverWarning
 
-__all__ = ["CheckpointError", "CompileError", "EarlyStopping", "History", "MlodslError", "Problem",
-           "ProblemError", "Program", "SolverWarning", "UsageError", "hypergrad", "loggers", "problem"]
+__all__ = ["CheckpointError", "CompileError", "EarlyStopping", "History", "MlodslError", "MlodslWarning",
+           "Problem", "ProblemError", "Program", "SolverWarning", "UsageError", "hypergrad", "loggers",
+           "problem"]
 __version__ = "0.1.0"

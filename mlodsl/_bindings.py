@@ -8,6 +8,13 @@ no graph for parameters nobody differentiates). The modules are
 re-parametrized for the whole evaluation, so a loss that reads
 ``classifier.module.weight`` directly (an L2 term) sees the same tensors as
 ``classifier(x)``. Outside a program, a problem call is a plain module call.
+
+Buffers (BatchNorm's running statistics) change as a PyTorch user expects: in
+train mode, by the forward passes of the loss of the problem that is stepping,
+once per evaluation, as in a hand-written loop. Every other evaluation (the
+lower losses a hypergradient method evaluates, finite differences, unrolled
+replays, ``Program.gradient``) runs on copies of the buffers, so the running
+statistics do not depend on which method computes the hypergradient.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class Bindings:
 
 
 _current: contextvars.ContextVar[Bindings | None] = contextvars.ContextVar("mlodsl_bindings", default=None)
+_stepping: contextvars.ContextVar[Problem | None] = contextvars.ContextVar("mlodsl_stepping", default=None)
 
 
 def current() -> Bindings | None:
@@ -52,17 +60,39 @@ def current() -> Bindings | None:
 
 
 @contextmanager
+def stepping(problem: Problem) -> Iterator[None]:
+    """While ``problem`` steps, evaluations of its own loss update buffers; others use copies."""
+    token = _stepping.set(problem)
+    try:
+        yield
+    finally:
+        _stepping.reset(token)
+
+
+@contextmanager
 def bound(bindings: Bindings) -> Iterator[Bindings]:
     """Evaluate a loss under ``bindings``: modules hold the bound tensors until the block ends."""
     token = _current.set(bindings)
+    keep_buffers = bindings.owner is not _stepping.get()
     try:
         with ExitStack() as stack:
             for problem, params in bindings.table.items():
-                if params is not LIVE:
-                    stack.enter_context(_reparametrize_module(problem.module, dict(params)))
+                tensors = {} if params is LIVE else dict(params)
+                if keep_buffers:
+                    tensors.update(buffer_copies(problem.module))
+                if tensors:
+                    stack.enter_context(_reparametrize_module(problem.module, tensors))
             yield bindings
     finally:
         _current.reset(token)
+
+
+def buffer_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the buffers a forward pass may update in place: those of submodules in train
+    mode (BatchNorm's running statistics; in eval mode they are only read)."""
+    return {f"{prefix}.{n}" if prefix else n: b.clone()
+            for prefix, m in module.named_modules() if m.training
+            for n, b in m.named_buffers(recurse=False)}
 
 
 def detached(problem: Problem) -> dict[str, torch.Tensor]:

@@ -4,16 +4,35 @@ A DataLoader draws its shuffling seed from torch's global generator when an
 iterator is created, so the position is saved as (generator state at that
 moment, batches drawn since); restoring re-creates the same iterator and
 fast-forwards, which gives exactly the batches an uninterrupted run sees.
+
+A step that fails gives its batches back (``mark`` / ``rewind``): they are
+drawn again, in order, before anything new, so a rolled-back step loses no data
+and a retry sees the same batches.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from compiler import errors
+
+
+class Mark(NamedTuple):
+    """Where the data stood: ``(epoch, position, rng, started)``."""
+
+    epoch: int
+    position: int
+    rng: torch.Tensor | None
+    started: bool
+
+
+class _Draw(NamedTuple):
+    batch: Any
+    after: Mark  # where the data stood once the batch was drawn
 
 
 class Batches:
@@ -25,18 +44,53 @@ class Batches:
         self.epoch = 0
         self.position = 0  # batches drawn in the current pass
         self._rng: torch.Tensor | None = None  # torch's generator state when the pass began
+        self._started = False
+        self._journal: list[_Draw] | None = None  # draws since mark()
+        self._given_back: list[_Draw] = []       # batches of a rolled-back step, drawn first
 
     def next(self) -> Any:
         if self.data is None:
             return None
+        if self._given_back:
+            draw = self._given_back.pop(0)
+            self._set(draw.after)
+        else:
+            draw = _Draw(self._draw(), self._mark())
+        if self._journal is not None:
+            self._journal.append(draw)
+        return draw.batch
+
+    def _draw(self) -> Any:
         if self._it is None:
             self._it = self._new_iterator()
+        self._started = True
         try:
             batch = next(self._it)
         except StopIteration:
             batch = self._restart()
         self.position += 1
         return batch
+
+    # -- transactions --------------------------------------------------------------
+    def mark(self) -> Mark:
+        """Start recording draws; :meth:`rewind` gives them back, :meth:`commit` keeps them."""
+        self._journal = []
+        return self._mark()
+
+    def rewind(self, mark: Mark) -> None:
+        """Give back every batch drawn since ``mark``: the next draws return them again."""
+        self._given_back = (self._journal or []) + self._given_back
+        self._journal = None
+        self._set(mark)
+
+    def commit(self) -> None:
+        self._journal = None
+
+    def _mark(self) -> Mark:
+        return Mark(self.epoch, self.position, self._rng, self._started)
+
+    def _set(self, mark: Mark) -> None:
+        self.epoch, self.position, self._rng, self._started = mark
 
     def _restart(self) -> Any:
         fmt = dict(name=self.name, loc=self.loc)
@@ -58,11 +112,13 @@ class Batches:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "rng": self._rng,
-                "started": self._it is not None}
+                "started": self._started}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch, self.position = sd["epoch"], 0
         self._it = None
+        self._given_back, self._journal = [], None
+        self._started = sd["started"]
         if self.data is None or not sd["started"]:
             return
         if iter(self.data) is self.data:
@@ -79,3 +135,24 @@ class Batches:
         for _ in range(sd["position"] - 1):
             next(self._it)
         self.position = sd["position"]
+
+
+def describe(batch: Any, limit: int = 6) -> str:
+    """A batch's structure in a line: ``tuple(Tensor[4, 2] float32 cpu, Tensor[4] int64 cpu)``."""
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{list(batch.shape)} {str(batch.dtype).removeprefix('torch.')} {batch.device}"
+    if isinstance(batch, (tuple, list)):
+        items = [describe(b, limit) for b in batch[:limit]] + (["..."] if len(batch) > limit else [])
+        return f"{type(batch).__name__}({', '.join(items)})"
+    if isinstance(batch, dict):
+        items = [f"{k!r}: {describe(v, limit)}" for k, v in list(batch.items())[:limit]]
+        return "{" + ", ".join(items) + (", ..." if len(batch) > limit else "") + "}"
+    if batch is None:
+        return "None"
+    return f"{type(batch).__name__} {batch!r}"[:60]
+
+
+def devices(batch: Any) -> list[str]:
+    """The devices of the tensors in a batch (nested tuples, lists and dicts), in order."""
+    leaves, _ = tree_flatten(batch)
+    return list(dict.fromkeys(str(t.device) for t in leaves if isinstance(t, torch.Tensor)))

@@ -1,36 +1,273 @@
 """Transactions around a step: a failing step leaves everything as it was before it.
 
-The runtime changes nothing of a problem's parameters or optimizer state until
-the whole gradient is known to be finite; what a step may touch before that
-point (buffers updated in the forward pass, e.g. BatchNorm running stats) is
-restored here when the step fails.
+What one step of a problem P may change, and how :meth:`Guard.transaction`
+puts it back when the step fails:
+
+- θ_P and P's optimizer state (with the param-group settings a scheduler
+  changes): the runtime touches them only once the gradient is known to be
+  finite, in ``optimizer.step()``. They are copied right before that call (an
+  optimizer step pre-hook), when the gradient graphs are already freed, so the
+  common failures (a loss that raises, NaN) cost no copy and the copy never
+  raises the peak memory. A ``before_unroll`` hook may change θ earlier, and
+  ``roll_back=True`` lowers change after the update: those are copied when the
+  step begins.
+- buffers of the modules P's loss calls (BatchNorm running statistics), P's
+  scheduler state and ``.grad`` of θ_P: copied when the step begins (small).
+- the runtime's counters (``iteration``, ``position``, ``stats``,
+  ``diagnostics``) and every problem's state (step count, last batch and loss,
+  ``Unrolled`` windows): shallow copies, and the windows' lengths.
+- data positions: the batches drawn in the step are given back and drawn
+  again first (``Batches.rewind``), so a retry sees the same batches; and
+  torch's random generators (a new DataLoader epoch, dropout), so a retry
+  after a transient failure gives exactly what an uninterrupted run gives.
+
+On failure: an :class:`MlodslError` is re-raised as it is; any other exception
+(a hook, the scheduler, the optimizer) becomes a :class:`ProblemError` that
+names P, the line that raised and says the step was rolled back; a
+``KeyboardInterrupt`` is rolled back and re-raised unchanged.
+
+``nan_policy="skip"``: a NaN or Inf loss or gradient (:class:`NonFiniteError`)
+does not stop the program. The step is rolled back like any failure, except
+that its batches stay drawn (else the same batch would fail forever); a
+:class:`MlodslWarning` says so and ``stats["skipped/<name>"]`` counts it. The
+schedule moves on as if the step had been taken: upper problems step when
+they would have, and the ``Unrolled`` round still opens and closes (with no
+update in it), so its replay stays exact. Everything else shows that it did
+not happen: θ, the optimizer, ``stats["steps/<name>"]``, the step count in
+messages, and its hooks (whose effects were rolled back with it).
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import sysconfig
+import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+import compiler
+from compiler import errors
+from mlodsl import _bindings
+from mlodsl._data import describe, devices
+
 if TYPE_CHECKING:
-    from mlodsl._runtime import ProblemState, Runtime
+    from compiler.plan import Step
+    from mlodsl._problem import Problem
+    from mlodsl._runtime import Runtime
+    from mlodsl._state import ProblemState
+
+NAN_POLICIES = ("raise", "skip")
 
 
 class Guard:
     def __init__(self, runtime: Runtime, nan_policy: str = "raise") -> None:
         self.runtime = runtime
-        self.nan_policy = nan_policy  # "raise" | "skip" (skip: drop the step with a warning, count it)
+        self.nan_policy = nan_policy  # "raise" | "skip" (see the module docstring)
+        self._devices_checked: set[str] = set()
 
     @contextmanager
-    def transaction(self, st: ProblemState) -> Iterator[None]:
-        """Run one step of ``st.problem``; on any exception restore its buffers and re-raise."""
-        buffers = [(b, b.detach().clone()) for b in st.problem.module.buffers()]
+    def transaction(self, st: ProblemState, step: Step | None = None) -> Iterator[None]:
+        """Run one step of ``st.problem``; on failure restore what it changed (module docstring)."""
+        self.check_devices(st)
+        saved = Saved(self.runtime, st, early=step is None or step.first)
+        handle = st.problem.optimizer.register_step_pre_hook(lambda *_: saved.take_params(st.problem))
         try:
-            yield
-        except BaseException:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
+            with _bindings.stepping(st.problem):
+                yield
+        except BaseException as e:
+            skip = isinstance(e, errors.NonFiniteError) and self.nan_policy == "skip"
+            saved.restore(data=not skip)
+            if skip:
+                self._skip(st, step, e)
+                return
+            if isinstance(e, Exception) and not isinstance(e, errors.MlodslError):
+                raise errors.ProblemError(errors.STEP_FAILED.format(
+                    name=st.problem.name, loc=st.problem.loc, error=_error(e), where=where(e))) from e
             raise
+        else:
+            saved.commit()
+        finally:
+            handle.remove()
+
+    def _skip(self, st: ProblemState, step: Step | None, e: Exception) -> None:
+        p = st.problem
+        self.runtime.count(f"skipped/{p.name}")
+        warnings.warn(errors.STEP_SKIPPED.format(
+            iteration=self.runtime.iteration, name=p.name, loc=p.loc, count=self.runtime.stats[f"skipped/{p.name}"],
+            reason=str(e)), errors.MlodslWarning, stacklevel=6)
+        if step is not None and step.first:
+            st.begin_round()
+        if step is not None and step.last:
+            st.end_round()
+
+    def check_devices(self, st: ProblemState) -> None:
+        """Once per problem: the modules its loss calls are on one device."""
+        if st.problem.name in self._devices_checked:
+            return
+        found = {q.name: module_devices(q.module) for q in st.reach}
+        if len(set().union(*found.values())) > 1:
+            listed = ", ".join(f"{n!r} on {' and '.join(d)}" for n, d in found.items() if d)
+            raise errors.ProblemError(errors.DEVICE_MISMATCH_MODULES.format(
+                name=st.problem.name, loc=st.problem.loc, devices=listed))
+        self._devices_checked.add(st.problem.name)
+
+
+class Saved:
+    """What one step may change (the module docstring lists it), taken when the step begins."""
+
+    def __init__(self, runtime: Runtime, st: ProblemState, early: bool) -> None:
+        p = st.problem
+        self.runtime = runtime
+        self.counters = (runtime.iteration, runtime.position, dict(runtime.stats), dict(runtime.diagnostics))
+        self.states = {name: dict(vars(s)) for name, s in runtime.state.items()}
+        self.windows = _window_lengths(runtime)
+        self.marks = {name: s.batches.mark() for name, s in runtime.state.items()}
+        self.buffers = [(b, b.detach().clone()) for q in st.reach for b in q.module.buffers()]
+        self.grads = [(t, t.grad) for t in p.params]
+        self.scheduler = copy.deepcopy(p.scheduler.state_dict()) if p.scheduler is not None else None
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.problem = p
+        self.params: dict[str, ParamCopy] = {}
+        if early and p.hooks["before_unroll"]:
+            self.take_params(p)
+        for low in runtime.plan.graph.lowers(p.name):
+            q = runtime.problems[low]
+            if getattr(getattr(q, "options", None), "roll_back", False):
+                self.take_params(q)
+
+    def take_params(self, p: Problem) -> None:
+        """Copy θ and the optimizer state of ``p``, once per step."""
+        if p.name not in self.params:
+            self.params[p.name] = ParamCopy(p)
+
+    def restore(self, data: bool = True) -> None:
+        rt = self.runtime
+        for saved_params in self.params.values():
+            saved_params.restore()
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        for t, g in self.grads:
+            t.grad = g
+        if self.scheduler is not None:
+            self.problem.scheduler.load_state_dict(self.scheduler)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        self._restore_counters(data)
+
+    def _restore_counters(self, data: bool) -> None:
+        rt = self.runtime
+        rt.iteration, rt.position, stats, diagnostics = self.counters
+        rt.stats.clear()
+        rt.stats.update(stats)
+        rt.diagnostics.clear()
+        rt.diagnostics.update(diagnostics)
+        for name, s in rt.state.items():
+            vars(s).update(self.states[name])
+            if data:
+                s.batches.rewind(self.marks[name])
+            else:
+                s.batches.commit()
+        for window, length in self.windows:
+            del window.steps[length:]
+
+    def commit(self) -> None:
+        for s in self.runtime.state.values():
+            s.batches.commit()
+
+
+class ParamCopy:
+    """θ of a problem, its optimizer's per-parameter state and its param-group settings."""
+
+    def __init__(self, p: Problem) -> None:
+        self.problem = p
+        self.theta = [t.detach().clone() for t in p.params]
+        opt = p.optimizer
+        self.state = {t: {k: _copy(v) for k, v in s.items()} for t, s in opt.state.items()}
+        self.groups = [{k: _copy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, saved in zip(self.problem.params, self.theta):
+                t.copy_(saved)
+        opt = self.problem.optimizer
+        opt.state.clear()
+        opt.state.update(self.state)
+        for group, saved in zip(opt.param_groups, self.groups):
+            group.update(saved)
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _window_lengths(runtime: Runtime) -> list[tuple[Any, int]]:
+    """Each distinct ``Unrolled`` window (the last round, the round in progress) and its length."""
+    seen: dict[int, tuple[Any, int]] = {}
+    for s in runtime.state.values():
+        for w in (getattr(s, "window", None), getattr(s, "pending", None)):
+            if w is not None:
+                seen.setdefault(id(w), (w, len(w.steps)))
+    return list(seen.values())
+
+
+def module_devices(module: torch.nn.Module) -> list[str]:
+    tensors = [*module.parameters(), *module.buffers()]
+    return list(dict.fromkeys(str(t.device) for t in tensors))
+
+
+# -- explaining a failure ----------------------------------------------------------------
+_LIBRARY = tuple({os.path.dirname(path) + os.sep for path in (torch.__file__, compiler.__file__, __file__)}
+                 | {sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "purelib", "platlib")})
+
+
+def where(e: BaseException) -> str:
+    """``file:line`` of the innermost frame of the user's code in ``e``'s traceback."""
+    frames = list(traceback.walk_tb(e.__traceback__))
+    user = [(f, line) for f, line in frames if not f.f_code.co_filename.startswith(_LIBRARY)]
+    if not (user or frames):
+        return "?"
+    frame, line = (user or frames)[-1]
+    return f"{_short(frame.f_code.co_filename)}:{line}"
+
+
+def _short(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+_STRUCTURE_HINTS = ("unpack", "not iterable", "not subscriptable", "is not a mapping")
+
+
+def explain_loss_failure(p: Problem, batch: Any, e: Exception, reach: tuple[Problem, ...]
+                         ) -> errors.ProblemError:
+    """The :class:`ProblemError` for a loss that raised ``e``: a device mismatch, a batch of
+    the wrong structure, or else the error and the line of the loss that raised it."""
+    fmt = dict(name=p.name, loc=p.loc, error=_error(e), where=where(e))
+    batch_devs = devices(batch)
+    mods = {q.name: module_devices(q.module) for q in reach}
+    if "device" in str(e) and len(set(batch_devs).union(*mods.values())) > 1:
+        modules = ", ".join(f"the module of {n!r} is on {' and '.join(d)}" for n, d in mods.items() if d)
+        target = (mods.get(p.name) or batch_devs or ["cpu"])[0]
+        return errors.ProblemError(errors.DEVICE_MISMATCH_BATCH.format(
+            batch_devices=" and ".join(batch_devs) or "no device (it holds no tensor)",
+            modules=modules, device=target, **fmt))
+    structure = isinstance(e, (ValueError, TypeError)) and any(h in str(e) for h in _STRUCTURE_HINTS)
+    if structure or (isinstance(e, KeyError) and isinstance(batch, dict)):
+        return errors.ProblemError(errors.BATCH_STRUCTURE.format(batch=describe(batch), **fmt))
+    return errors.ProblemError(errors.LOSS_RAISED.format(batch=describe(batch), **fmt))

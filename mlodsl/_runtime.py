@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map_only
 from compiler import EdgeKind, Plan, Step, errors
 from mlodsl import _tree as T
 from mlodsl._bindings import LIVE, Bindings, bound, detached
-from mlodsl._guard import Guard
+from mlodsl._guard import Guard, explain_loss_failure
 from mlodsl._hypergrad import Unrolled
 from mlodsl._lower import LowerView
 from mlodsl._problem import Problem
@@ -76,7 +76,7 @@ class Runtime:
 
     def step(self, step: Step) -> None:
         st = self.state[step.problem]
-        with self.guard.transaction(st):
+        with self.guard.transaction(st, step):
             self._step(step, st)
 
     def _step(self, step: Step, st: ProblemState) -> None:
@@ -139,8 +139,7 @@ class Runtime:
         except errors.MlodslError:
             raise
         except Exception as e:
-            raise errors.ProblemError(errors.LOSS_FAILED.format(
-                name=p.name, loc=p.loc, error=f"{type(e).__name__}: {e}")) from e
+            raise explain_loss_failure(p, batch, e, self.state[p.name].reach) from e
         _check_loss(p, out)
         return out
 
@@ -187,7 +186,8 @@ class Runtime:
             raise errors.ProblemError(errors.LOSS_NOT_DIFFERENTIABLE.format(name=p.name, loc=p.loc))
         if p.name not in self._warned:
             self._warned.add(p.name)
-            warnings.warn(errors.ZERO_GRADIENT.format(name=p.name, loc=p.loc), stacklevel=4)
+            warnings.warn(errors.ZERO_GRADIENT.format(name=p.name, loc=p.loc), errors.MlodslWarning,
+                          stacklevel=4)
         return T.zeros_like(p.params)
 
     def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, step: int) -> None:
@@ -195,10 +195,10 @@ class Runtime:
         if bool(flags.all()):
             return
         if not bool(flags[0]):
-            raise errors.ProblemError(errors.LOSS_NOT_FINITE.format(
+            raise errors.NonFiniteError(errors.LOSS_NOT_FINITE.format(
                 name=p.name, loc=p.loc, value=float(loss.detach()), step=step))
         bad = [n for n, ok in zip(p.param_names, flags[1:].tolist()) if not ok]
-        raise errors.ProblemError(errors.GRAD_NOT_FINITE.format(
+        raise errors.NonFiniteError(errors.GRAD_NOT_FINITE.format(
             name=p.name, loc=p.loc, where=", ".join(bad), step=step))
 
 
