@@ -4,7 +4,7 @@ The pipeline, one file per stage::
 
     ir.ProblemSpec  (what mlodsl collected from the decorated losses)
       └─ build.build_graph          bare nodes, names and upper= checked
-          └─ passes.PIPELINE        close_uppers → infer_levels → infer_edges
+          └─ passes.PIPELINE        close_uppers → infer_levels → infer_edges → check_dataflow
               │   (verify.verify after each pass)
               └─ passes.schedule, passes.plan_hypergrads
                   └─ plan.Plan      frozen, printable, executed by the runtime

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from compiler import errors
 from compiler.ir import Graph, Node, ProblemSpec
 
@@ -27,7 +29,7 @@ def _check_spec(spec: ProblemSpec, known: dict[str, ProblemSpec]) -> None:
             raise errors.CompileError(errors.SELF_UPPER.format(name=spec.name, loc=spec.loc))
         if up not in known:
             fix = f"add the problem {up!r} to Program([...])"
-            close = [k for k in known if k.lower() == up.lower() or k.startswith(up[:3])]
+            close = difflib.get_close_matches(up, [k for k in known if k != spec.name], n=1, cutoff=0.6)
             if close:
                 fix += f", or did you mean {close[0]!r}?"
             raise errors.CompileError(errors.UNKNOWN_UPPER.format(

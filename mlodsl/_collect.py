@@ -4,17 +4,23 @@ Reference inference reads each loss function's bytecode (DESIGN §2): the
 global names it loads, its closure cells, the nested functions and lambdas it
 defines, and the module-level helper functions of the same module that it
 calls; every name that resolves to a :class:`Problem` is a reference. Nothing
-is run and no data is touched. Torch-side checks (the optimizer owns the
-module's parameters, the hypergradient method supports the optimizer) live
-here too, since the compiler must not import torch.
+is run and no data is touched. Torch-side checks live here too, since the
+compiler must not import torch: the optimizer owns exactly the module's
+trainable parameters and steps without a closure, no parameter is trained by
+two problems, the scheduler drives the problem's own optimizer, the loss takes
+a batch exactly when there is data, and the hypergradient method supports the
+optimizer.
 """
 
 from __future__ import annotations
 
 import builtins
 import dis
+import inspect
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
 
 from compiler import errors
 from compiler.ir import ProblemSpec, Reference, SourceLoc
@@ -25,38 +31,10 @@ from mlodsl._problem import Problem
 _GLOBAL_OPS = {"LOAD_GLOBAL", "LOAD_NAME"}
 _CELL_OPS = {"LOAD_DEREF", "LOAD_CLOSURE", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"}
 
-OPTIMIZER_FOREIGN_PARAMS = (
-    "the optimizer of {name!r} ({loc}) updates {count} tensor(s) that are not parameters of its "
-    "module ({module}).\n"
-    "Rule: a problem's optimizer is built on its own module's parameters, and only those.\n"
-    "Fix: build it as `{opt}({name}_module.parameters(), ...)` on the module passed as module=."
-)
-
-OPTIMIZER_MISSES_PARAMS = (
-    "the optimizer of {name!r} ({loc}) does not update {count} trainable parameter(s) of its "
-    "module, e.g. {example!r}.\n"
-    "Rule: every trainable parameter (requires_grad=True) of the module belongs to the optimizer.\n"
-    "Fix: build the optimizer on module.parameters(), or freeze those parameters with "
-    "requires_grad_(False)."
-)
-
-NO_PARAMETERS = (
-    "the module of {name!r} ({loc}) has no trainable parameters.\n"
-    "Rule: a problem optimizes θ, the trainable parameters of its module.\n"
-    "Fix: pass the module that holds θ as module=, or unfreeze its parameters."
-)
-
-UNROLL_UNSUPPORTED = (
-    "problem {name!r} ({loc}) uses hypergrad=Unrolled() with optimizer {opt}, which mlodsl "
-    "cannot differentiate through.\n"
-    "Rule: Unrolled() replays SGD, Adam or AdamW updates.\n"
-    "Fix: use one of those optimizers, or another method such as Neumann() or CG()."
-)
-
-
 
 def collect(problems: Sequence[Problem]) -> tuple[list[ProblemSpec], dict[str, tuple[str, ...]]]:
     """Specs for the compiler, and for each problem the names its loss may call (itself included)."""
+    check_distinct(problems)
     specs = [spec_of(p) for p in problems]
     reach = {s.name: tuple(dict.fromkeys([s.name, *(r.target for r in s.references)])) for s in specs}
     return specs, reach
@@ -77,25 +55,97 @@ def _name(ref: Problem | str) -> str:
     return ref if isinstance(ref, str) else ref.name
 
 
+def check_distinct(problems: Sequence[Problem]) -> None:
+    """Each problem is passed once, and no trainable parameter belongs to two problems."""
+    owner: dict[int, tuple[Problem, str]] = {}
+    for i, p in enumerate(problems):
+        if any(q is p for q in problems[:i]):
+            raise errors.CompileError(errors.SAME_PROBLEM_TWICE.format(name=p.name, loc=p.loc))
+        shared = [owner[id(t)] for _, t in p.named_params if id(t) in owner]
+        if shared:
+            first, param = shared[0]
+            raise errors.CompileError(errors.SHARED_PARAMETER.format(
+                name=first.name, loc=first.loc, other=p.name, other_loc=p.loc, param=param,
+                count=len(shared)))
+        owner.update({id(t): (p, n) for n, t in p.named_params})
+
+
 def check_module(p: Problem) -> None:
+    """The module has θ, the optimizer owns exactly θ, and the rest of the problem fits it."""
+    check_optimizer(p)
+    check_scheduler(p)
+    check_signature(p)
+    if isinstance(p.hypergrad, Unrolled) and not _unroll.supports(p.optimizer):
+        raise errors.CompileError(errors.UNROLL_UNSUPPORTED.format(
+            name=p.name, loc=p.loc, opt=type(p.optimizer).__name__))
+
+
+def check_optimizer(p: Problem) -> None:
     params = p.params
     if not params:
-        raise errors.CompileError(NO_PARAMETERS.format(name=p.name, loc=p.loc))
+        raise errors.CompileError(errors.NO_PARAMETERS.format(name=p.name, loc=p.loc))
     owned = {id(t) for t in params}
     in_opt = [t for g in p.optimizer.param_groups for t in g["params"]]
     foreign = [t for t in in_opt if id(t) not in owned and t.requires_grad]
     if foreign:
-        raise errors.CompileError(OPTIMIZER_FOREIGN_PARAMS.format(
+        raise errors.CompileError(errors.OPTIMIZER_FOREIGN_PARAMS.format(
             name=p.name, loc=p.loc, count=len(foreign), module=type(p.module).__name__,
             opt=type(p.optimizer).__name__))
     opt_ids = {id(t) for t in in_opt}
     missing = [n for n, t in p.named_params if id(t) not in opt_ids]
     if missing:
-        raise errors.CompileError(OPTIMIZER_MISSES_PARAMS.format(
+        raise errors.CompileError(errors.OPTIMIZER_MISSES_PARAMS.format(
             name=p.name, loc=p.loc, count=len(missing), example=missing[0]))
-    if isinstance(p.hypergrad, Unrolled) and not _unroll.supports(p.optimizer):
-        raise errors.CompileError(UNROLL_UNSUPPORTED.format(
+    if not _accepts(type(p.optimizer).step, 1):  # the class's step(self, ...): schedulers wrap the bound one
+        raise errors.CompileError(errors.OPTIMIZER_NEEDS_CLOSURE.format(
             name=p.name, loc=p.loc, opt=type(p.optimizer).__name__))
+
+
+def check_scheduler(p: Problem) -> None:
+    s = p.scheduler
+    if s is None:
+        return
+    fmt = dict(name=p.name, loc=p.loc, scheduler=type(s).__name__, opt=type(p.optimizer).__name__)
+    opt = getattr(s, "optimizer", None)
+    if isinstance(opt, torch.optim.Optimizer) and opt is not p.optimizer:
+        raise errors.CompileError(errors.SCHEDULER_FOREIGN_OPTIMIZER.format(**fmt))
+    step = getattr(s, "step", None)
+    if not callable(step) or not _accepts(step, 0):
+        signature = f"step{_signature(step)}" if callable(step) else "it has no step() method"
+        raise errors.CompileError(errors.SCHEDULER_NEEDS_ARGUMENT.format(signature=signature, **fmt))
+
+
+def check_signature(p: Problem) -> None:
+    """The loss takes one argument (the batch) when the problem has data, none when it has not."""
+    n = 0 if p.data is None else 1
+    if _accepts(p.fn, n):
+        return
+    if n == 0:
+        takes, data = "takes an argument", "data=None gives it none"
+        fix = f"pass data=... to @problem on {p.name!r}, or remove the argument of the loss."
+    else:
+        takes, data = "takes no argument", f"data= gives it a batch ({type(p.data).__name__})"
+        fix = f"add a parameter for the batch, `def {p.name}(batch): ...`, or pass data=None."
+    raise errors.CompileError(errors.LOSS_SIGNATURE.format(
+        name=p.name, loc=p.loc, takes=takes, data=data, fix=fix))
+
+
+def _accepts(fn: Callable, n: int) -> bool:
+    """Whether ``fn`` can be called with ``n`` positional arguments (True when unknowable)."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): trust it
+        return True
+    return True
+
+
+def _signature(fn: Callable) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
 
 
 def references(p: Problem) -> list[Reference]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlodsl import CompileError, Problem, ProblemError, Program, UsageError, problem
+from mlodsl import Problem, ProblemError, Program, UsageError, problem
 from mlodsl.hypergrad import CG
 from tests.quadratic import build, diamond
 
@@ -145,75 +145,7 @@ def test_an_infinite_gradient_is_caught_before_the_update():
     assert all(torch.equal(a, b) for a, b in zip(before, params(program)))
 
 
-def test_a_call_the_compiler_did_not_see_fails_clearly():
-    m1, m2 = nn.Linear(2, 1), nn.Linear(2, 1)
-    hidden = {}
-
-    @problem(module=m1, optimizer=torch.optim.SGD(m1.parameters(), lr=0.1))
-    def boss():
-        return boss(torch.ones(1, 2)).pow(2).sum()
-
-    @problem(module=m2, optimizer=torch.optim.SGD(m2.parameters(), lr=0.1), upper=[boss])
-    def worker():
-        return (worker(torch.ones(1, 2)) * hidden["boss"](torch.ones(1, 2))).sum()  # via a dict
-
-    hidden["boss"] = boss
-    with pytest.raises(ProblemError, match=r"'worker' \(.*\) called problem 'boss', which the compiler did not "
-                                           r"see.*\n.*\nFix: add uses=\['boss'\]"):
-        Program([boss, worker]).run(iterations=1)
-
-
-def test_an_iterator_that_runs_dry_and_an_empty_dataset():
-    m, o = nn.Linear(2, 1), None
-    o = torch.optim.SGD(m.parameters(), lr=0.1)
-    gen = (torch.ones(1, 2) for _ in range(2))
-
-    @problem(module=m, optimizer=o, data=gen)
-    def once(x):
-        return once(x).sum()
-
-    with pytest.raises(ProblemError, match="ran dry: it is an iterator"):
-        Program([once]).run(iterations=3)
-
-    @problem(module=m, optimizer=o, data=[])
-    def empty(x):
-        return empty(x).sum()
-
-    with pytest.raises(ProblemError, match="yielded no batch"):
-        Program([empty]).run(iterations=1)
-
-
-# -- compile-time errors of the torch side ----------------------------------
-def test_an_optimizer_that_does_not_own_the_module_parameters():
-    m, other = nn.Linear(2, 1), nn.Linear(2, 1)
-
-    @problem(module=m, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
-    def wrong():
-        return wrong(torch.ones(1, 2)).sum()
-
-    with pytest.raises(CompileError, match=r"the optimizer of 'wrong' \(.*test_runtime.py:\d+\) updates 2 tensor"):
-        Program([wrong])
-
-
-def test_an_optimizer_that_misses_some_parameters():
-    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-
-    @problem(module=m, optimizer=torch.optim.SGD(m[0].parameters(), lr=0.1))
-    def partial():
-        return partial(torch.ones(1, 2)).sum()
-
-    with pytest.raises(CompileError, match=r"does not update 2 trainable parameter\(s\) of its module, e.g. '1.weight'"):
-        Program([partial])
-
-
-def test_an_unknown_method_name_suggests_the_closest():
-    m = nn.Linear(2, 1)
-    with pytest.raises(CompileError, match=r"hypergrad='nueman'.*\n.*\nFix: did you mean 'neumann'\?"):
-        @problem(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), hypergrad="nueman")
-        def typo():
-            return typo(torch.ones(1, 2)).sum()
-
-
+# -- the public API's types (every other mistake is in tests/test_catalogue.py) -----
 def test_public_arguments_are_type_checked():
     m = nn.Linear(2, 1)
     with pytest.raises(UsageError, match=re.escape('problem(): argument "steps" (str) is not an instance of int')):

@@ -26,7 +26,7 @@ def schedule(graph: Graph) -> Schedule:
     iterations: list[Iteration] = []
     while (state := sim.state()) not in seen:
         if len(iterations) > MAX_PERIOD:
-            deep = [n.name for n in graph if n.steps > 1]
+            deep = [f"{n.name!r} ({n.spec.loc}, steps={n.steps})" for n in graph if n.steps > 1]
             raise errors.CompileError(errors.SCHEDULE_TOO_LONG.format(
                 period=MAX_PERIOD, limit=MAX_PERIOD, names=", ".join(deep)))
         seen[state] = len(iterations)
