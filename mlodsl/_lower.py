@@ -104,6 +104,6 @@ class LowerView:
             theta = [u[0] for u in updated]
             states = [u[1] for u in updated]
         with torch.no_grad():
-            gap = max(float((a - b).abs().max()) for a, b in zip(theta, self.params))
-        self.record("unroll_replay_error", gap)
+            gap = torch.stack([(a - b).abs().max() for a, b in zip(theta, self.params)]).max()
+        self.record("unroll_replay_error", gap)  # a tensor: read only when logged
         return T.split(vjp(theta, self.flat_inputs, v, retain=False), self.sizes)

@@ -73,6 +73,9 @@ class Problem:
         self.name = name
         self.uses = tuple(uses)
         self.options = options
+        self._named_params: list[tuple[str, nn.Parameter]] | None = None
+        self._params: list[nn.Parameter] = []
+        self._param_names: list[str] = []
         self.loc = source_loc(fn)
         self.hooks: dict[str, list[Hook]] = {"after_step": [], "before_unroll": [], "after_unroll": []}
         self.__doc__ = fn.__doc__
@@ -91,16 +94,32 @@ class Problem:
     # -- parameters θ ----------------------------------------------------------
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
-        """The trainable parameters θ (``requires_grad=True``), in module order."""
-        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        """The trainable parameters θ (``requires_grad=True``), in module order.
+
+        Read once and cached (``Program`` refreshes it when it compiles), so that
+        the hot loop does not walk the module tree; call :meth:`refresh_params`
+        after freezing or unfreezing parameters of a compiled problem.
+        """
+        if self._named_params is None:
+            self.refresh_params()
+        return self._named_params  # type: ignore[return-value]
+
+    def refresh_params(self) -> None:
+        self._named_params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self._params = [p for _, p in self._named_params]
+        self._param_names = [n for n, _ in self._named_params]
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_params]
+        if self._named_params is None:
+            self.refresh_params()
+        return self._params
 
     @property
     def param_names(self) -> list[str]:
-        return [n for n, _ in self.named_params]
+        if self._named_params is None:
+            self.refresh_params()
+        return self._param_names
 
     @property
     def lr(self) -> float:

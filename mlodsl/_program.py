@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ class Program:
                  nan_policy: Literal["raise", "skip"] = "raise",
                  solvers: Literal["warn", "raise", "off"] = "warn") -> None:
         self.problems = tuple(problems)
+        for p in self.problems:
+            p.refresh_params()
         specs, reach = collect(self.problems)
         self.plan: Plan = compile_specs(specs)
         self.graph: Graph = self.plan.graph
@@ -77,6 +80,11 @@ class Program:
         """
         if iterations < 0:
             raise errors.UsageError(f"Program.run(): iterations={iterations} must be >= 0.")
+        if _plain(progress, log_every, validate, early_stopping, checkpoint_every, checkpoint_dir):
+            done = self._runtime.run_periods(iterations)  # the lowered plan, whole periods at a time
+            self._runtime.run(iterations - done)
+            self._runtime.finish_run()
+            return History(iterations=iterations)
         return Loop(self, iterations, progress=progress, log_every=log_every, loggers=loggers,
                     validate=validate, validate_every=validate_every, early_stopping=early_stopping,
                     checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir).run()
@@ -150,6 +158,12 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program({[p.name for p in self.problems]})"
+
+
+def _plain(progress: bool | None, *options: object) -> bool:
+    """A run with nothing to do between iterations (no progress bar, logging, validation, checkpoints)."""
+    shown = sys.stderr.isatty() if progress is None else progress
+    return not shown and all(o is None for o in options)
 
 
 def _seed_everything(seed: int) -> None:

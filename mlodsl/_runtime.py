@@ -52,7 +52,13 @@ class Runtime:
         self._warned: set[str] = set()
         self.warned_solvers: set[tuple[str, str]] = set()
         self.stop_requested: Callable[[], bool] | None = None  # set by the training loop (Ctrl-C)
+        # static tables, so the hot loop does no graph walks or searches
+        self.hypergrads = {hp.problem: hp for hp in plan.hypergrads}
+        self.roll_back_lowers = {name: [self.state[low] for low in plan.graph.lowers(name)
+                                        if self.problems[low].options.roll_back] for name in self.problems}
         self.guard = Guard(self)
+        from mlodsl._lowering import lower
+        self.lowered = lower(plan)  # one period as a torch.fx GraphModule (None: interpreted)
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] += n
@@ -61,6 +67,22 @@ class Runtime:
     def run(self, iterations: int) -> None:
         for _ in range(iterations):
             self.run_iteration()
+
+    def finish_run(self) -> None:
+        """End of a run: nothing is pending (a hook for checks deferred to sync points)."""
+
+    def run_periods(self, iterations: int) -> int:
+        """Run whole periods through the lowered GraphModule while they fit; return how many
+        iterations ran. Partial periods (and a step left failed mid-iteration) are interpreted."""
+        if self.lowered is None or self.position:
+            return 0
+        schedule = self.plan.schedule
+        n, done = len(schedule.period), 0
+        while (iterations - done >= n and self.iteration >= len(schedule.prologue)
+               and (self.iteration - len(schedule.prologue)) % n == 0 and self.stop_requested is None):
+            self.lowered(self)
+            done += n
+        return done
 
     def run_iteration(self) -> None:
         """Finish the current iteration of the schedule (from where a failed step left it)."""
@@ -89,10 +111,11 @@ class Runtime:
             st.begin_round()
         batches = [self.to_device(st.batches.next()) for _ in range(p.options.grad_accumulation)]
         grads, loss = self.accumulated_gradient(p, batches)
-        self._check_finite(p, loss, grads, st.count)
-        first_hypergradient = st.count == 0 and bool(self.plan.hypergrad(p.name).visits)
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self._check_finite(p, loss, grads, grad_norm, st.count)
+        first_hypergradient = st.count == 0 and bool(self.hypergrads[p.name].visits)
         st.record_update(batches)
-        self._apply(st, grads)
+        self._apply(st, grads, grad_norm)
         st.last_batch, st.has_batch = batches[-1], True
         st.last_loss = loss.detach()
         st.count += 1
@@ -101,20 +124,19 @@ class Runtime:
         if step.last:
             st.end_round()
             p.run_hooks("after_unroll")
-        for low in self.plan.graph.lowers(p.name):
-            self.state[low].roll_back()
+        for low in self.roll_back_lowers[p.name]:
+            low.roll_back()
         if first_hypergradient:
             check_solvers(self, p.name)
 
-    def _apply(self, st: ProblemState, grads: T.Vec) -> None:
+    def _apply(self, st: ProblemState, grads: T.Vec, grad_norm: torch.Tensor) -> None:
         """Clip, step the optimizer and the scheduler; keep the gradient norm (no sync)."""
         p = st.problem
         for t, g in zip(p.params, grads):
             t.grad = g.detach()
         if p.options.clip_grad_norm is not None:
-            st.grad_norm = torch.nn.utils.clip_grad_norm_(p.params, p.options.clip_grad_norm)
-        else:
-            st.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch.nn.utils.clip_grads_with_norm_(p.params, p.options.clip_grad_norm, grad_norm)
+        st.grad_norm = grad_norm
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         if p.scheduler is not None:
@@ -160,7 +182,7 @@ class Runtime:
 
     def total_gradient(self, p: Problem, batch: Any) -> tuple[T.Vec, torch.Tensor]:
         """dC_P/dθ_P: the direct gradient plus every path through the lower optima (DESIGN §3)."""
-        hp = self.plan.hypergrad(p.name)
+        hp = self.hypergrads[p.name]
         seeds = [self.problems[s] for s in hp.seeds]
         loss = self.evaluate(p, batch, live=[p, *seeds])
         if not loss.requires_grad:
@@ -190,10 +212,14 @@ class Runtime:
                           stacklevel=4)
         return T.zeros_like(p.params)
 
-    def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, step: int) -> None:
+    def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, grad_norm: torch.Tensor,
+                      step: int) -> None:
+        """One host sync: the norm of the gradient is finite only if every entry is."""
+        if bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()).all()):
+            return
         flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads])
         if bool(flags.all()):
-            return
+            return  # finite entries whose norm overflowed
         if not bool(flags[0]):
             raise errors.NonFiniteError(errors.LOSS_NOT_FINITE.format(
                 name=p.name, loc=p.loc, value=float(loss.detach()), step=step))

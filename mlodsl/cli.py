@@ -1,7 +1,7 @@
 """The ``mlodsl`` command: see a multilevel program before training it.
 
     mlodsl graph FILE [-o OUT] [--format svg|png|dot] [--plan]   draw the dataflow graph
-    mlodsl plan FILE                                             print the execution plan
+    mlodsl plan FILE [--code]                                    print the execution plan (or its fx code)
     mlodsl check FILE                                            compile and report
 
 FILE is a ``.py`` path or a dotted module name (``FILE:NAME`` picks one Program
@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      help="what to do; `mlodsl COMMAND --help` explains each")
     _add_graph(commands)
-    _add_command(commands, "plan", cmd_plan, "print the execution plan: problems, edges, the "
-                 "schedule of one period and each hypergradient pass")
+    plan = _add_command(commands, "plan", cmd_plan, "print the execution plan: problems, edges, "
+                        "the schedule of one period and each hypergradient pass")
+    plan.add_argument("--code", action="store_true",
+                      help="print instead the Python that torch.fx generated for one period of the "
+                           "lowered plan (what program.run executes)")
     _add_command(commands, "check", cmd_check, "compile FILE and print one line per problem, "
                  "then 'ok'")
     return parser
@@ -193,8 +196,12 @@ def describe(program: Program) -> str:
 
 
 def cmd_plan(program: Program, args: argparse.Namespace) -> int:
-    """Print the plan, as ``print(program.plan)`` does."""
-    print(program.plan)
+    """Print the plan, as ``print(program.plan)`` does, or with ``--code`` its lowered fx code."""
+    if getattr(args, "code", False):
+        from mlodsl._lowering import code
+        print(code(program.plan), end="")
+    else:
+        print(program.plan)
     return EXIT_OK
 
 

@@ -27,27 +27,32 @@ def neumann(hvp: HVP, v: T.Vec, iterations: int, alpha: float) -> tuple[T.Vec, d
 def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> tuple[T.Vec, dict]:
     """p ≈ (H + damping·I)⁻¹ v from ``iterations`` CG steps started at p = 0.
 
-    Stops early only when the residual is exactly zero (the solve is exact),
-    since a further step would divide by zero.
+    Always takes ``iterations`` Hessian-vector products (no data-dependent
+    branch, so no host sync); once the residual is exactly zero the remaining
+    steps change nothing.
     """
     x = T.zeros_like(v)
     r = list(v)
     d = list(r)
     rs = T.dot(r, r)
-    curvature = torch.as_tensor(float("inf"))  # min over directions of dᵀ(H+λI)d / dᵀd
+    curvature = torch.full_like(rs, float("inf"))  # min over directions of dᵀ(H+λI)d / dᵀd
     for _ in range(iterations):
-        if float(rs) == 0.0:
-            break
         hd = hvp(d)
         ad = T.add(hd, d, damping) if damping else hd
         dad = T.dot(d, ad)
-        curvature = torch.minimum(curvature.to(dad), dad / T.dot(d, d))
-        step = rs / dad
+        dd = T.dot(d, d)
+        # an exact solve leaves r = d = 0; the guards keep 0/0 out without a host sync
+        curvature = torch.where(dd > 0, torch.minimum(curvature, dad / _nonzero(dd)), curvature)
+        step = torch.where(dad != 0, rs / _nonzero(dad), torch.zeros_like(rs))
         x = T.add(x, d, step)
         r = T.add(r, ad, -step)
         rs_new = T.dot(r, r)
-        d = T.add(r, d, rs_new / rs)
+        d = T.add(r, d, torch.where(rs != 0, rs_new / _nonzero(rs), torch.zeros_like(rs)))
         rs = rs_new
     residual = torch.as_tensor(rs).sqrt()
     return x, {"cg_residual_norm": residual, "cg_relative_residual": residual / T.norm(v),
                "cg_min_curvature": curvature}
+
+
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x != 0, x, torch.ones_like(x))
