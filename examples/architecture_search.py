@@ -147,8 +147,8 @@ def random_genotype(g: torch.Generator) -> Genotype:
 
 
 class Config(NamedTuple):
-    search_iterations: int = 600
-    train_iterations: int = 1500
+    search_iterations: int = 300
+    train_iterations: int = 1000
     random_candidates: int = 4
     batch_size: int = 64
 
@@ -168,20 +168,17 @@ def data(seed: int) -> Data:
     return Data(train=(x[a], y[a]), val=(x[b], y[b]), test=s.test)
 
 
-def sgd(module: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
-    return torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4)
-
-
-def anneal(p, opt: torch.optim.Optimizer, iterations: int, lr: float = 0.05) -> None:
-    """Cosine annealing of the learning rate to 1e-3 over ``iterations`` steps."""
-    digits.schedule_lr(p, opt, digits.cosine(lr, iterations, eta_min=1e-3))
+def sgd(module: nn.Module, iterations: int, lr: float = 0.05) -> tuple[torch.optim.Optimizer, object]:
+    """SGD with momentum; cosine annealing of the learning rate to 1e-3 over ``iterations`` steps."""
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9, weight_decay=3e-4)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations, eta_min=1e-3)
 
 
 def build(d: Data, hypergrad: str, steps: int, seed: int, cfg: Config) -> Program:
     """The search program: architecture α above the supernet's weights."""
     digits.seeded(seed)
     net, arch = Supernet(), Alphas()
-    opt = sgd(net)
+    opt, sched = sgd(net, cfg.search_iterations)
 
     @problem(module=arch, optimizer=torch.optim.Adam(arch.parameters(), lr=3e-3, betas=(0.5, 0.999),
                                                      weight_decay=1e-3),
@@ -190,13 +187,12 @@ def build(d: Data, hypergrad: str, steps: int, seed: int, cfg: Config) -> Progra
         x, y = batch
         return F.cross_entropy(classifier(x, architecture()), y)    # reads w*(α) and α
 
-    @problem(module=net, optimizer=opt, data=digits.loader(d.train, cfg.batch_size, seed),
+    @problem(module=net, optimizer=opt, scheduler=sched, data=digits.loader(d.train, cfg.batch_size, seed),
              upper=[architecture], hypergrad=hypergrad, steps=steps)
     def classifier(batch):
         x, y = batch
         return F.cross_entropy(classifier(x, architecture()), y)    # reads α: upper-to-lower
 
-    anneal(classifier, opt, cfg.search_iterations)
     return Program([architecture, classifier])
 
 
@@ -209,14 +205,13 @@ def train_derived(genotype: Genotype, train: digits.Data, seed: int, iterations:
     """Train a discrete architecture from scratch: a one-level program."""
     digits.seeded(seed)
     net = Derived(genotype)
-    opt = sgd(net)
+    opt, sched = sgd(net, iterations)
 
-    @problem(module=net, optimizer=opt, data=digits.loader(train, batch_size, seed))
+    @problem(module=net, optimizer=opt, scheduler=sched, data=digits.loader(train, batch_size, seed))
     def final(batch):
         x, y = batch
         return F.cross_entropy(final(x), y)
 
-    anneal(final, opt, iterations)
     Program([final]).run(iterations=iterations)
     return net
 

@@ -70,13 +70,11 @@ def data(setting: str, seed: int) -> digits.Split:
     return s._replace(train=train)
 
 
-def sgd(net: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
-
-
-def decay(p, opt: torch.optim.Optimizer, cfg: Config) -> None:
-    """The learning rate drops ×0.1 at 50% and 75% of training."""
-    digits.schedule_lr(p, opt, digits.multistep(cfg.lr, [cfg.iterations // 2, 3 * cfg.iterations // 4]))
+def classifier_optimizer(net: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, object]:
+    """SGD with momentum and weight decay; the learning rate drops ×0.1 at 50% and 75% of training."""
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    milestones = [cfg.iterations // 2, 3 * cfg.iterations // 4]
+    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
 
 
 def train_loader(train: digits.Data, seed: int, cfg: Config):
@@ -105,7 +103,7 @@ def build(split: digits.Split, method: str, steps: int, seed: int, cfg: Config,
     """The two-level MWN program on ``split`` with hypergradient ``method`` and ``steps``."""
     digits.seeded(seed)
     net, wnet = digits.mlp(), WeightNet(class_aware)
-    opt = sgd(net, cfg)
+    opt, sched = classifier_optimizer(net, cfg)
 
     @problem(module=wnet, optimizer=torch.optim.Adam(wnet.parameters(), lr=cfg.meta_lr),
              data=digits.loader(split.meta, 100, seed))
@@ -113,7 +111,7 @@ def build(split: digits.Split, method: str, steps: int, seed: int, cfg: Config,
         x, y = batch
         return F.cross_entropy(classifier(x), y)                       # reads θ*: lower-to-upper
 
-    @problem(module=net, optimizer=opt, data=train_loader(split.train, seed, cfg),
+    @problem(module=net, optimizer=opt, scheduler=sched, data=train_loader(split.train, seed, cfg),
              upper=[reweight], hypergrad=HYPERGRADS[method](), steps=steps)
     def classifier(batch):
         x, y = batch
@@ -121,7 +119,6 @@ def build(split: digits.Split, method: str, steps: int, seed: int, cfg: Config,
         w = reweight(losses.detach(), y)                               # reads φ: upper-to-lower
         return (w * losses).sum() / w.sum().clamp_min(1e-8)            # normalised, as in MWN
 
-    decay(classifier, opt, cfg)
     return Program([reweight, classifier])
 
 
@@ -134,14 +131,13 @@ def train_plain(train: digits.Data, seed: int, cfg: Config, class_weights: torch
     """A one-level program: the same classifier and schedule, (class-weighted) cross-entropy."""
     digits.seeded(seed)
     net = digits.mlp()
-    opt = sgd(net, cfg)
+    opt, sched = classifier_optimizer(net, cfg)
 
-    @problem(module=net, optimizer=opt, data=train_loader(train, seed, cfg))
+    @problem(module=net, optimizer=opt, scheduler=sched, data=train_loader(train, seed, cfg))
     def plain(batch):
         x, y = batch
         return F.cross_entropy(plain(x), y, weight=class_weights)
 
-    decay(plain, opt, cfg)
     Program([plain]).run(iterations=cfg.iterations)
     return net
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import math
 import resource
 import statistics
 import time
@@ -193,30 +192,6 @@ class Jittered:
     def __iter__(self):
         for x, *rest in self.loader:
             yield (jitter(x), *rest)
-
-
-def schedule_lr(p: Any, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]) -> None:
-    """After the t-th step of problem ``p``, set every group's learning rate to ``lr_at(t)``.
-
-    A learning-rate schedule as an ``after_step`` hook. (The examples do not
-    pass ``scheduler=``: mlodsl at 7e71222 rejects an optimizer that a torch LR
-    scheduler has wrapped, see bench/RESULTS.md.)
-    """
-    steps = iter(range(1, 1 << 62))
-
-    @p.after_step
-    def _set_lr(module: nn.Module) -> None:
-        lr = lr_at(next(steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
-def multistep(lr: float, milestones: Sequence[int], gamma: float = 0.1) -> Callable[[int], float]:
-    return lambda t: lr * gamma ** sum(t >= m for m in milestones)
-
-
-def cosine(lr: float, total: int, eta_min: float = 0.0) -> Callable[[int], float]:
-    return lambda t: eta_min + (lr - eta_min) * (1 + math.cos(math.pi * min(t, total) / total)) / 2
 
 
 @torch.no_grad()
