@@ -15,6 +15,12 @@ once per evaluation, as in a hand-written loop. Every other evaluation (the
 lower losses a hypergradient method evaluates, finite differences, unrolled
 replays, ``Program.gradient``) runs on copies of the buffers, so the running
 statistics do not depend on which method computes the hypergradient.
+
+Those other evaluations also run on a fork of torch's random generators: each
+starts from the same state and leaves the generators as it found them. So the
+two evaluations of a finite difference see the same dropout masks (else their
+difference is noise divided by ε), and how many evaluations a method makes
+does not change the random numbers training draws.
 """
 
 from __future__ import annotations
@@ -82,9 +88,18 @@ def bound(bindings: Bindings) -> Iterator[Bindings]:
                     tensors.update(buffer_copies(problem.module))
                 if tensors:
                     stack.enter_context(_reparametrize_module(problem.module, tensors))
+            if keep_buffers:
+                stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(bindings.table)))
             yield bindings
     finally:
         _current.reset(token)
+
+
+def _cuda_devices(table: Mapping[Problem, Any]) -> list[int]:
+    if not torch.cuda.is_initialized():
+        return []
+    found = {t.device.index for p in table for t in p.module.parameters() if t.is_cuda}
+    return sorted(i if i is not None else torch.cuda.current_device() for i in found)
 
 
 def buffer_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
