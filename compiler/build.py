@@ -25,6 +25,9 @@ def _check_spec(spec: ProblemSpec, known: dict[str, ProblemSpec]) -> None:
     if not isinstance(spec.steps, int) or isinstance(spec.steps, bool) or spec.steps < 1:
         raise errors.CompileError(errors.BAD_STEPS.format(name=spec.name, loc=spec.loc, steps=spec.steps))
     for up in spec.upper:
+        if spec.upper.count(up) > 1:
+            raise errors.CompileError(errors.DUPLICATE_UPPER.format(
+                name=spec.name, loc=spec.loc, upper=up, count=spec.upper.count(up)))
         if up == spec.name:
             raise errors.CompileError(errors.SELF_UPPER.format(name=spec.name, loc=spec.loc))
         if up not in known:

@@ -325,3 +325,10 @@ STEP_SKIPPED = (
     "a step of {name!r} ({loc}) in iteration {iteration} was skipped (nan_policy='skip'; "
     "{count} so far): {reason}"
 )
+
+DUPLICATE_UPPER = (
+    "problem {name!r} ({loc}) lists {upper!r} in upper= {count} times.\n"
+    "Rule: upper= lists each problem one level above once (a problem object and its name are the "
+    "same problem).\n"
+    "Fix: list {upper!r} once in upper= of {name!r}."
+)

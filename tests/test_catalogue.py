@@ -115,6 +115,20 @@ def unknown_upper():
     return Program([classifier, weights])
 
 
+def duplicate_upper():
+    (m1, o1), (m2, o2) = lin(), lin()
+
+    @problem(module=m1, optimizer=o1)
+    def meta():
+        return base(X).sum()
+
+    @problem(module=m2, optimizer=o2, upper=[meta, "meta"])
+    def base():
+        return (base(X) * meta(X)).sum()
+
+    return Program([meta, base])
+
+
 def unrelated_reference():
     (m1, o1), (m2, o2) = lin(), lin()
 
@@ -385,6 +399,8 @@ CATALOGUE_COMPILE = [
          rf"problem 'me' \({HERE}\) lists itself in upper="),
     Case("unknown upper, with a did-you-mean", unknown_upper, CompileError, errors.UNKNOWN_UPPER,
          rf"'weights' \({HERE}\) lists upper='clasifier'.*did you mean 'classifier'\?"),
+    Case("the same upper twice", duplicate_upper, CompileError, errors.DUPLICATE_UPPER,
+         rf"problem 'base' \({HERE}\) lists 'meta' in upper= 2 times"),
     Case("reference to an unrelated problem", unrelated_reference, CompileError, errors.UNRELATED_REFERENCE,
          rf"loss of 'student' \({HERE}\) calls problem 'teacher' \(defined at {HERE}\).*upper=\['teacher'\]"),
     Case("reference to a problem not in the Program", unknown_reference, CompileError,
