@@ -92,14 +92,15 @@ class Guard:
         else:
             saved.commit()
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
 
     def _skip(self, st: ProblemState, step: Step | None, e: Exception) -> None:
         p = st.problem
         self.runtime.count(f"skipped/{p.name}")
-        warnings.warn(errors.STEP_SKIPPED.format(
-            iteration=self.runtime.iteration, name=p.name, loc=p.loc, count=self.runtime.stats[f"skipped/{p.name}"],
-            reason=str(e)), errors.MlodslWarning, stacklevel=6)
+        count = self.runtime.stats[f"skipped/{p.name}"]
+        warnings.warn(errors.STEP_SKIPPED.format(iteration=self.runtime.iteration, name=p.name, loc=p.loc,
+                                                 count=count, reason=str(e)), errors.MlodslWarning, stacklevel=6)
         if step is not None and step.first:
             st.begin_round()
         if step is not None and step.last:

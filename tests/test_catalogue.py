@@ -335,6 +335,12 @@ def batch_of_wrong_structure():
     return single(loss, data=[torch.ones(4, 2)])
 
 
+def batch_without_a_key():
+    def loss(p, batch):
+        return (p(batch["image"]) - batch["label"]).pow(2).mean()
+    return single(loss, data=[{"x": torch.ones(4, 2), "label": torch.zeros(4, 1)}])
+
+
 def data_empty():
     return single(lambda p, batch: p(batch).sum(), data=[])
 
@@ -459,6 +465,9 @@ CATALOGUE_RUN = [
     Case("data yields the wrong structure", batch_of_wrong_structure, ProblemError, errors.BATCH_STRUCTURE,
          rf"loss of 'p' \({HERE}\) could not take its batch apart: ValueError: too many values to "
          rf"unpack \(expected 2\) at {HERE}.*yields Tensor\[4, 2\] float32 cpu"),
+    Case("a batch dict without the key the loss reads", batch_without_a_key, ProblemError,
+         errors.BATCH_STRUCTURE, rf"loss of 'p' \({HERE}\) could not take its batch apart: KeyError: 'image' "
+         rf"at {HERE}.*yields \{{'x': Tensor\[4, 2\] float32 cpu, 'label': Tensor\[4, 1\] float32 cpu\}}"),
     Case("data is empty", data_empty, ProblemError, errors.DATA_EMPTY,
          rf"data of 'p' \({HERE}\) yielded no batch"),
     Case("data is an iterator that runs dry", data_runs_dry, ProblemError, errors.DATA_RAN_DRY,
