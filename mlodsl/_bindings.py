@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 LIVE = None  # marker: call the module with its own parameters
 
 
+class _Frozen:
+    """Marker: the module's own parameters, with ``requires_grad`` off for the evaluation (no
+    graph is built for them; cheaper than re-parametrizing the module with detached copies)."""
+
+    def __repr__(self) -> str:
+        return "FROZEN"
+
+
+FROZEN = _Frozen()
+
+
 class Bindings:
     """Parameters to call each reachable problem with, for one loss evaluation."""
 
@@ -80,10 +91,13 @@ def bound(bindings: Bindings) -> Iterator[Bindings]:
     """Evaluate a loss under ``bindings``: modules hold the bound tensors until the block ends."""
     token = _current.set(bindings)
     keep_buffers = bindings.owner is not _stepping.get()
+    frozen = [t for problem, params in bindings.table.items() if params is FROZEN for t in problem.params]
     try:
+        for t in frozen:
+            t.requires_grad_(False)
         with ExitStack() as stack:
             for problem, params in bindings.table.items():
-                tensors = {} if params is LIVE else dict(params)
+                tensors = {} if params is LIVE or params is FROZEN else dict(params)
                 if keep_buffers:
                     tensors.update(buffer_copies(problem.module))
                 if tensors:
@@ -92,13 +106,15 @@ def bound(bindings: Bindings) -> Iterator[Bindings]:
                 stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(bindings.table)))
             yield bindings
     finally:
+        for t in frozen:
+            t.requires_grad_(True)
         _current.reset(token)
 
 
 def _cuda_devices(table: Mapping[Problem, Any]) -> list[int]:
     if not torch.cuda.is_initialized():
         return []
-    found = {t.device.index for p in table for t in p.module.parameters() if t.is_cuda}
+    found = {t.device.index for p in table for t in p.params[:1] if t.is_cuda}  # a module is on one device
     return sorted(i if i is not None else torch.cuda.current_device() for i in found)
 
 
@@ -106,8 +122,20 @@ def buffer_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the buffers a forward pass may update in place: those of submodules in train
     mode (BatchNorm's running statistics; in eval mode they are only read)."""
     return {f"{prefix}.{n}" if prefix else n: b.clone()
-            for prefix, m in module.named_modules() if m.training
+            for prefix, m in _buffered(module) if m.training
             for n, b in m.named_buffers(recurse=False)}
+
+
+_BUFFERED: dict[int, tuple[torch.nn.Module, list]] = {}
+
+
+def _buffered(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The submodules that hold buffers, found once per module (the hot loop walks no tree)."""
+    entry = _BUFFERED.get(id(module))
+    if entry is None or entry[0] is not module:
+        found = [(prefix, m) for prefix, m in module.named_modules() if next(m.buffers(recurse=False), None) is not None]
+        entry = _BUFFERED[id(module)] = (module, found)
+    return entry[1]
 
 
 def detached(problem: Problem) -> dict[str, torch.Tensor]:

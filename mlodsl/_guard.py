@@ -75,7 +75,9 @@ class Guard:
         """Run one step of ``st.problem``; on failure restore what it changed (module docstring)."""
         self.check_devices(st)
         saved = Saved(self.runtime, st, early=step is None or step.first)
-        handle = st.problem.optimizer.register_step_pre_hook(lambda *_: saved.take_params(st.problem))
+        handle = None
+        if _may_fail_after_update(st.problem):
+            handle = st.problem.optimizer.register_step_pre_hook(lambda *_: saved.take_params(st.problem))
         try:
             with _bindings.stepping(st.problem):
                 yield
@@ -116,6 +118,18 @@ class Guard:
             raise errors.ProblemError(errors.DEVICE_MISMATCH_MODULES.format(
                 name=st.problem.name, loc=st.problem.loc, devices=listed))
         self._devices_checked.add(st.problem.name)
+
+
+_BUILTIN = ("torch.optim.",)
+
+
+def _may_fail_after_update(p: Problem) -> bool:
+    """Whether anything can fail once ``optimizer.step()`` has begun: an ``after_step`` or
+    ``after_unroll`` hook, a scheduler, or an optimizer that is not one of torch's. Only then is
+    θ copied before the update (torch's optimizers do not fail on a finite gradient), which keeps
+    the common step free of a copy of the parameters and optimizer state."""
+    return bool(p.hooks["after_step"] or p.hooks["after_unroll"] or p.scheduler is not None
+                or not type(p.optimizer).__module__.startswith(_BUILTIN))
 
 
 class Saved:

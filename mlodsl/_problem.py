@@ -66,12 +66,12 @@ class Problem:
         self.module = module
         self.optimizer = optimizer
         self.data = data
-        self.upper = tuple(upper)
+        self.upper = (upper,) if isinstance(upper, str) else tuple(upper)  # upper="name" too
         self.hypergrad = hypergrad
         self.steps = steps
         self.scheduler = scheduler
         self.name = name
-        self.uses = tuple(uses)
+        self.uses = (uses,) if isinstance(uses, str) else tuple(uses)
         self.options = options
         self._named_params: list[tuple[str, nn.Parameter]] | None = None
         self._params: list[nn.Parameter] = []

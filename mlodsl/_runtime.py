@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map_only
 
 from compiler import EdgeKind, Plan, Step, errors
 from mlodsl import _tree as T
-from mlodsl._bindings import LIVE, Bindings, bound, detached
+from mlodsl._bindings import FROZEN, LIVE, Bindings, bound
 from mlodsl._guard import Guard, explain_loss_failure
 from mlodsl._hypergrad import Unrolled
 from mlodsl._lower import LowerView
@@ -113,7 +113,8 @@ class Runtime:
         grads, loss = self.accumulated_gradient(p, batches)
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self._check_finite(p, loss, grads, grad_norm, st.count)
-        first_hypergradient = st.count == 0 and bool(self.hypergrads[p.name].visits)
+        if st.count == 0 and self.hypergrads[p.name].visits:
+            check_solvers(self, p.name)  # before the update, so that solvers="raise" rolls back cleanly
         st.record_update(batches)
         self._apply(st, grads, grad_norm)
         st.last_batch, st.has_batch = batches[-1], True
@@ -126,8 +127,6 @@ class Runtime:
             p.run_hooks("after_unroll")
         for low in self.roll_back_lowers[p.name]:
             low.roll_back()
-        if first_hypergradient:
-            check_solvers(self, p.name)
 
     def _apply(self, st: ProblemState, grads: T.Vec, grad_norm: torch.Tensor) -> None:
         """Clip, step the optimizer and the scheduler; keep the gradient norm (no sync)."""
@@ -154,7 +153,7 @@ class Runtime:
         live, override = set(live), override or {}
         table = {}
         for r in self.state[p.name].reach:
-            table[r] = override[r] if r in override else (LIVE if r in live else detached(r))
+            table[r] = override[r] if r in override else (LIVE if r in live else FROZEN)
         try:
             with bound(Bindings(p, table)), self._autocast():
                 out = p.fn() if p.data is None else p.fn(batch)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 CG_TOLERANCE = 0.5  # relative residual above which CG "has not reduced its residual"
 
 
-class SolverWarning(UserWarning):
+class SolverWarning(errors.MlodslWarning):
     """A hypergradient solver is unhealthy (diverging series, unconverged CG)."""
 
 

@@ -1,4 +1,8 @@
-"""Arithmetic on lists of tensors (one list = one vector over a problem's parameters)."""
+"""Arithmetic on lists of tensors (one list = one vector over a problem's parameters).
+
+Each operation is one ``torch._foreach_*`` call over the whole list (a single
+dispatch, fused kernels on GPU) rather than a Python loop of per-tensor ops.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,24 @@ Vec = list[torch.Tensor]
 
 
 def dot(a: Vec, b: Vec) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
+    if len(a) == 1:
+        return torch.vdot(a[0].reshape(-1), b[0].reshape(-1))
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
 
 
 def norm(a: Vec) -> torch.Tensor:
-    return torch.sqrt(dot(a, a))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
 
 
 def add(a: Vec, b: Vec, alpha: float | torch.Tensor = 1.0) -> Vec:
     """a + alpha * b"""
-    return [x + alpha * y for x, y in zip(a, b)]
+    if isinstance(alpha, torch.Tensor):
+        return list(torch._foreach_add(a, torch._foreach_mul(b, alpha)))
+    return list(torch._foreach_add(a, b, alpha=alpha))
 
 
 def scale(a: Vec, alpha: float | torch.Tensor) -> Vec:
-    return [alpha * x for x in a]
+    return list(torch._foreach_mul(a, alpha))
 
 
 def zeros_like(a: Vec) -> Vec:
