@@ -332,3 +332,12 @@ DUPLICATE_UPPER = (
     "same problem).\n"
     "Fix: list {upper!r} once in upper= of {name!r}."
 )
+
+DEFERRED_NOT_FINITE = (
+    "the loss or gradient of {name!r} ({loc}) was NaN or Inf at its step {step}, found at "
+    "iteration {iteration}.\n"
+    "Rule: with checks='log' finiteness is read only at log iterations and at the end of run(), "
+    "so the steps since then were not rolled back.\n"
+    "Fix: load the last checkpoint and lower the learning rate or clip gradients; use "
+    "checks='step' (the default) to stop at the failing step with nothing lost."
+)

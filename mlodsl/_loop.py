@@ -120,6 +120,7 @@ class Loop:
                 if interrupt.requested:
                     self._checkpoint("last.pt")
                     raise KeyboardInterrupt
+                self.runtime.finish_run()
         except _Stopped:
             self._checkpoint("last.pt")
             raise KeyboardInterrupt from None
@@ -151,6 +152,7 @@ class Loop:
         return stop
 
     def _log(self, it: int) -> None:
+        self.runtime.finish_run()
         for name in self.runtime.problems:
             check_solvers(self.runtime, name)
         metrics = self.program.metrics()

@@ -37,14 +37,19 @@ class Program:
     ``seed`` seeds torch, Python and NumPy (set it before building modules for
     full determinism); ``nan_policy`` says what a non-finite loss or gradient
     does ("raise", or "skip" the step with a warning); ``solvers`` says what
-    unhealthy solver diagnostics do ("warn", "raise" or "off").
+    unhealthy solver diagnostics do ("warn", "raise" or "off"); ``checks``
+    says when finiteness is read: each step ("step": one host sync per step,
+    and a failing step is rolled back) or only at log iterations and the end
+    of ``run`` ("log": no host sync in the hot loop; a failure is reported
+    late and not rolled back).
     """
 
     @public
     def __init__(self, problems: Sequence[Problem], *, device: str | torch.device | None = None,
                  precision: Literal["fp32", "bf16", "fp16"] = "fp32", seed: int | None = None,
                  nan_policy: Literal["raise", "skip"] = "raise",
-                 solvers: Literal["warn", "raise", "off"] = "warn") -> None:
+                 solvers: Literal["warn", "raise", "off"] = "warn",
+                 checks: Literal["step", "log"] = "step") -> None:
         self.problems = tuple(problems)
         for p in self.problems:
             p.refresh_params()
@@ -61,6 +66,10 @@ class Program:
                                 device=dev, autocast=PRECISIONS[precision])
         self._runtime.guard.nan_policy = nan_policy
         self._runtime.solver_policy = solvers
+        if checks == "log" and nan_policy == "skip":
+            raise errors.UsageError("Program(): nan_policy='skip' needs checks='step' (a step can only be "
+                                    "skipped when its verdict is read before the update).")
+        self._runtime.checks = checks
 
     @public
     def run(self, iterations: int, *, progress: bool | None = None, log_every: int | None = None,

@@ -40,6 +40,8 @@ class Runtime:
         self.device = device
         self.autocast = autocast
         self.solver_policy = "warn"  # "warn" | "raise" | "off": what unhealthy solver diagnostics do
+        self.checks = "step"  # "step": finite check (a host sync) each step | "log": at sync points only
+        self._deferred: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (all ok, first bad step)
         self.state = {
             name: ProblemState(p, [self.problems[r] for r in reach[name]],
                                isinstance(p.hypergrad, Unrolled) and bool(plan.graph.node(name).upper))
@@ -69,7 +71,17 @@ class Runtime:
             self.run_iteration()
 
     def finish_run(self) -> None:
-        """End of a run: nothing is pending (a hook for checks deferred to sync points)."""
+        """A sync point (a log iteration, the end of a run): raise what ``checks="log"`` deferred."""
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, {}
+        names = list(pending)
+        flags = torch.stack([pending[n][0].to("cpu") for n in names]).tolist()  # the one host sync
+        for name, ok in zip(names, flags):
+            if not ok:
+                p = self.problems[name]
+                raise errors.ProblemError(errors.DEFERRED_NOT_FINITE.format(
+                    name=name, loc=p.loc, step=int(pending[name][1]), iteration=self.iteration))
 
     def run_periods(self, iterations: int) -> int:
         """Run whole periods through the lowered GraphModule while they fit; return how many
@@ -113,7 +125,7 @@ class Runtime:
         grads, loss = self.accumulated_gradient(p, batches)
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self._check_finite(p, loss, grads, grad_norm, st.count)
-        if st.count == 0 and self.hypergrads[p.name].visits:
+        if st.count == 0 and self.hypergrads[p.name].visits and self.checks == "step":
             check_solvers(self, p.name)  # before the update, so that solvers="raise" rolls back cleanly
         st.record_update(batches)
         self._apply(st, grads, grad_norm)
@@ -213,7 +225,17 @@ class Runtime:
 
     def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, grad_norm: torch.Tensor,
                       step: int) -> None:
-        """One host sync: the norm of the gradient is finite only if every entry is."""
+        """One host sync: the norm of the gradient is finite only if every entry is.
+
+        With ``checks="log"`` nothing is read here: the verdict accumulates on the device
+        and :meth:`finish_run` reads it at the next sync point.
+        """
+        if self.checks == "log":
+            ok = torch.isfinite(grad_norm) & torch.isfinite(loss.detach()).all()
+            all_ok, first = self._deferred.get(p.name, (torch.ones_like(ok), torch.full_like(grad_norm, -1)))
+            first = torch.where(all_ok & ~ok, torch.full_like(first, step), first)
+            self._deferred[p.name] = (all_ok & ok, first)
+            return
         if bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()).all()):
             return
         flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads])
