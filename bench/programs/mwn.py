@@ -1,0 +1,202 @@
+"""Meta-Weight-Net (Shu et al. 2019; Betty §5.2) on the digits: a bilevel program with an MLP.
+
+    reweight   (upper)  min_φ  CE_meta(w*(φ))                                    Adam(1e-3), 100 meta images
+    classifier (lower)  w*(φ) = argmin_w Σ R(ℓ_i(w); φ) ℓ_i(w) / Σ R(ℓ_i(w); φ)   SGD(0.1, momentum 0.9)
+
+The classifier is an MLP 64-``hidden``-10, the weight net R an MLP 1-100-1
+with a sigmoid on the detached per-example loss (the quick start's program).
+One outer iteration: one classifier step, then one reweight step whose
+hypergradient passes through the classifier with the chosen method.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from bench import hand
+from bench.common import CG_ITERATIONS, FD_EPS, NEUMANN_ITERATIONS, Batches, Cycle, NotExpressible, seeded, split
+
+LR, META_LR, MOMENTUM = 0.1, 1e-3, 0.9
+
+
+class Sizes(NamedTuple):
+    hidden: int = 128
+    batch: int = 64
+    meta: int = 100     # meta images, one batch
+
+
+class Parts(NamedTuple):
+    net: nn.Module
+    wnet: nn.Module
+    train: Batches
+    meta: Batches
+
+
+def parts(sizes: Sizes, seed: int, dtype: torch.dtype) -> Parts:
+    """The same modules (from ``seed``) and data streams for every side."""
+    meta, train = split(seed, (sizes.meta, -1))
+    seeded(seed)
+    net = nn.Sequential(nn.Linear(64, sizes.hidden), nn.ReLU(), nn.Linear(sizes.hidden, 10)).to(dtype)
+    wnet = nn.Sequential(nn.Linear(1, 100), nn.ReLU(), nn.Linear(100, 1), nn.Sigmoid()).to(dtype)
+    return Parts(net, wnet, Batches(train, sizes.batch, seed + 1, dtype), Batches(meta, sizes.meta, seed + 2, dtype))
+
+
+def weighted(losses: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w * losses).sum() / w.sum().clamp_min(1e-8)
+
+
+def build(side: str, method: str, sizes: Sizes = Sizes(), seed: int = 0, dtype: torch.dtype = torch.float32):
+    return {"hand": Hand, "mlodsl": build_mlodsl, "betty": build_betty}[side](method, parts(sizes, seed, dtype))
+
+
+# -- mlodsl ----------------------------------------------------------------------------------
+class MlodslRunner:
+    def __init__(self, program, modules) -> None:
+        self.program, self.modules = program, modules
+
+    def run(self, n: int) -> None:
+        self.program.run(iterations=n, progress=False)
+
+
+def mlodsl_method(method: str):
+    from mlodsl.hypergrad import CG, FiniteDifference, Neumann, Unrolled
+
+    return {"fd": lambda: FiniteDifference(eps=FD_EPS), "neumann": lambda: Neumann(iterations=NEUMANN_ITERATIONS),
+            "cg": lambda: CG(iterations=CG_ITERATIONS), "itd": Unrolled}[method]()
+
+
+def build_mlodsl(method: str, p: Parts) -> MlodslRunner:
+    from mlodsl import Program, problem
+
+    @problem(module=p.wnet, optimizer=torch.optim.Adam(p.wnet.parameters(), lr=META_LR), data=p.meta)
+    def reweight(batch):
+        x, y = batch
+        return F.cross_entropy(classifier(x), y)
+
+    @problem(module=p.net, optimizer=torch.optim.SGD(p.net.parameters(), lr=LR, momentum=MOMENTUM),
+             data=p.train, upper=[reweight], hypergrad=mlodsl_method(method))
+    def classifier(batch):
+        x, y = batch
+        losses = F.cross_entropy(classifier(x), y, reduction="none")
+        return weighted(losses, reweight(losses.detach()[:, None]).squeeze(1))
+
+    return MlodslRunner(Program([reweight, classifier]), {"reweight": p.wnet, "classifier": p.net})
+
+
+# -- hand-written ----------------------------------------------------------------------------
+class Hand:
+    """The loop a researcher writes for MWN with this hypergradient method."""
+
+    def __init__(self, method: str, p: Parts) -> None:
+        self.method, self.net, self.wnet = method, p.net, p.wnet
+        self.modules = {"reweight": p.wnet, "classifier": p.net}
+        self.theta, self.phi = list(p.net.parameters()), list(p.wnet.parameters())
+        self.names = [n for n, _ in p.net.named_parameters()]
+        self.opt = torch.optim.SGD(self.theta, lr=LR, momentum=MOMENTUM)
+        self.meta_opt = torch.optim.Adam(self.phi, lr=META_LR)
+        self.train, self.meta = Cycle(p.train), Cycle(p.meta)
+        self.last = self.snap = None
+
+    def lower_loss(self, batch, theta=None, live_phi: bool = False) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x) if theta is None else functional_call(self.net, dict(zip(self.names, theta)), (x,))
+        losses = F.cross_entropy(logits, y, reduction="none")
+        with torch.set_grad_enabled(live_phi):
+            w = self.wnet(losses.detach()[:, None]).squeeze(1)
+        return weighted(losses, w)
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            self.iteration()
+
+    def iteration(self) -> None:
+        batch = self.train.next()
+        if self.method == "itd":
+            self.snap = hand.snapshot(self.opt, self.theta)
+        hand.apply(self.opt, self.theta, hand.grads(self.lower_loss(batch), self.theta))
+        self.last = batch
+        x, y = self.meta.next()
+        v = hand.grads(F.cross_entropy(self.net(x), y), self.theta)
+        hand.apply(self.meta_opt, self.phi, self.hypergradient(v))
+
+    def hypergradient(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(∂w*/∂φ)ᵀ v through the classifier's last step (on its last batch)."""
+        at = lambda theta: self.lower_loss(self.last, theta, live_phi=True)  # noqa: E731
+        if self.method == "neumann":
+            return hand.implicit(at(None), self.theta, self.phi, v,
+                                 lambda g, th, b: hand.neumann(g, th, b, NEUMANN_ITERATIONS, LR))
+        if self.method == "cg":
+            return hand.implicit(at(None), self.theta, self.phi, v,
+                                 lambda g, th, b: hand.cg(g, th, b, CG_ITERATIONS))
+        if self.method == "fd":
+            return hand.finite_difference(at, self.theta, self.phi, v, LR, FD_EPS)
+        theta0, states = self.snap
+        return hand.unrolled(at, theta0, states, lambda q, g, st: hand.sgd_update(q, g, st, LR, MOMENTUM),
+                             self.phi, v)
+
+
+# -- Betty -----------------------------------------------------------------------------------
+def betty_config(method: str, lr: float, **kw):
+    """Betty's Config for a lower problem differentiated with ``method`` (n/a: NotExpressible)."""
+    from betty.configs import Config
+
+    if method == "fd":
+        return Config(type="darts", darts_alpha=FD_EPS, **kw)
+    if method == "neumann":
+        return Config(type="neumann", neumann_iterations=NEUMANN_ITERATIONS, neumann_alpha=lr, **kw)
+    if method == "cg":
+        return Config(type="cg", cg_iterations=CG_ITERATIONS, **kw)
+    raise NotExpressible("Betty 0.2.1 has no iterative differentiation for ImplicitProblem "
+                         "(types darts, sama, neumann, cg); its IterativeProblem fails on this torch")
+
+
+class BettyRunner:
+    def __init__(self, engine, modules) -> None:
+        self.engine, self.modules = engine, modules
+
+    def run(self, n: int) -> None:
+        """Betty's ``Engine.run`` loop body, without its logging and validation."""
+        for _ in range(n):
+            self.engine.global_step += 1
+            self.engine.train_step()
+
+
+def quiet_betty() -> None:
+    from betty.logging.logger_base import get_logger
+
+    get_logger().setLevel("WARNING")
+
+
+def build_betty(method: str, p: Parts) -> BettyRunner:
+    from betty.configs import Config, EngineConfig
+    from betty.engine import Engine
+    from betty.problems import ImplicitProblem
+
+    quiet_betty()
+    lower = betty_config(method, LR)
+
+    class Reweight(ImplicitProblem):
+        def training_step(self, batch):
+            x, y = batch
+            return F.cross_entropy(self.classifier(x), y)
+
+    class Classifier(ImplicitProblem):
+        def training_step(self, batch):
+            x, y = batch
+            losses = F.cross_entropy(self.module(x), y, reduction="none")
+            return weighted(losses, self.reweight(losses.detach()[:, None]).squeeze(1))
+
+    rw = Reweight(name="reweight", module=p.wnet, optimizer=torch.optim.Adam(p.wnet.parameters(), lr=META_LR),
+                  train_data_loader=p.meta, config=Config(retain_graph=True))
+    cl = Classifier(name="classifier", module=p.net,
+                    optimizer=torch.optim.SGD(p.net.parameters(), lr=LR, momentum=MOMENTUM),
+                    train_data_loader=p.train, config=lower)
+    engine = Engine(problems=[rw, cl], config=EngineConfig(train_iters=1, strategy="cpu"),
+                    dependencies={"u2l": {rw: [cl]}, "l2u": {cl: [rw]}})
+    engine.train()
+    return BettyRunner(engine, {"reweight": p.wnet, "classifier": p.net})
