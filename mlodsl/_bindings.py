@@ -31,6 +31,8 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from compiler import errors
 from torch.nn.utils.stateless import _reparametrize_module
 
 if TYPE_CHECKING:
@@ -59,8 +61,6 @@ class Bindings:
         self.called: set[Problem] = set()
 
     def call(self, problem: Problem, args: tuple, kwargs: dict) -> Any:
-        from compiler import errors
-
         if problem not in self.table:
             raise errors.ProblemError(errors.ESCAPED_REFERENCE.format(
                 name=self.owner.name, loc=self.owner.loc, other=problem.name))
@@ -92,23 +92,45 @@ def bound(bindings: Bindings) -> Iterator[Bindings]:
     token = _current.set(bindings)
     keep_buffers = bindings.owner is not _stepping.get()
     frozen = [t for problem, params in bindings.table.items() if params is FROZEN for t in problem.params]
+    swaps = []
+    for problem, params in bindings.table.items():
+        tensors = {} if params is LIVE or params is FROZEN else dict(params)
+        if keep_buffers and _buffered(problem.module):
+            tensors.update(buffer_copies(problem.module))
+        if tensors:
+            swaps.append((problem.module, tensors))
+    rng = _RngFork(bindings.table) if keep_buffers else None
     try:
         for t in frozen:
             t.requires_grad_(False)
-        with ExitStack() as stack:
-            for problem, params in bindings.table.items():
-                tensors = {} if params is LIVE or params is FROZEN else dict(params)
-                if keep_buffers:
-                    tensors.update(buffer_copies(problem.module))
-                if tensors:
-                    stack.enter_context(_reparametrize_module(problem.module, tensors))
-            if keep_buffers:
-                stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(bindings.table)))
+        if not swaps:  # the common case: no module to re-parametrize
             yield bindings
+        else:
+            with ExitStack() as stack:
+                for module, tensors in swaps:
+                    stack.enter_context(_reparametrize_module(module, tensors))
+                yield bindings
     finally:
+        if rng is not None:
+            rng.restore()
         for t in frozen:
             t.requires_grad_(True)
         _current.reset(token)
+
+
+class _RngFork:
+    """torch's generators as they were, put back when the evaluation ends (cheaper than
+    ``torch.random.fork_rng``, which also validates devices and warns)."""
+
+    def __init__(self, table: Mapping[Problem, Any]) -> None:
+        self.cpu = torch.get_rng_state()
+        self.devices = _cuda_devices(table)
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, d)
 
 
 def _cuda_devices(table: Mapping[Problem, Any]) -> list[int]:

@@ -142,7 +142,7 @@ class Saved:
         self.states = {name: dict(vars(s)) for name, s in runtime.state.items()}
         self.windows = _window_lengths(runtime)
         self.marks = {name: s.batches.mark() for name, s in runtime.state.items()}
-        self.buffers = [(b, b.detach().clone()) for q in st.reach for b in q.module.buffers()]
+        self.buffers = [(b, b.detach().clone()) for b in st.reach_buffers]
         self.grads = [(t, t.grad) for t in p.params]
         self.scheduler = copy.deepcopy(p.scheduler.state_dict()) if p.scheduler is not None else None
         self.rng = torch.get_rng_state()

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from compiler import Graph, Plan, compile_specs, errors
-from mlodsl import _checkpoint
+from mlodsl import _checkpoint, _distributed
 from mlodsl._check import public
 from mlodsl._collect import collect
 from mlodsl._loop import EarlyStopping, History, Loop
@@ -42,6 +42,14 @@ class Program:
     and a failing step is rolled back) or only at log iterations and the end
     of ``run`` ("log": no host sync in the hot loop; a failure is reported
     late and not rolled back).
+
+    Under ``torchrun`` (or an initialized process group; ``distributed=True``
+    requires one, ``False`` ignores it) the program is data parallel: each
+    problem's data is sharded across ranks and every gradient, Hessian-vector
+    product and hypergradient is the combined batch's (``mlodsl._distributed``);
+    ``distributed_hypergrad="local"`` averages per-rank hypergradients instead
+    (cheaper, an approximation); ``shard_optimizer`` shards optimizer state
+    with ``ZeroRedundancyOptimizer``. Only rank 0 logs and writes checkpoints.
     """
 
     @public
@@ -49,7 +57,9 @@ class Program:
                  precision: Literal["fp32", "bf16", "fp16"] = "fp32", seed: int | None = None,
                  nan_policy: Literal["raise", "skip"] = "raise",
                  solvers: Literal["warn", "raise", "off"] = "warn",
-                 checks: Literal["step", "log"] = "step") -> None:
+                 checks: Literal["step", "log"] = "step", distributed: bool | None = None,
+                 distributed_hypergrad: Literal["exact", "local"] = "exact",
+                 shard_optimizer: bool = False) -> None:
         self.problems = tuple(problems)
         for p in self.problems:
             p.refresh_params()
@@ -59,6 +69,7 @@ class Program:
         if seed is not None:
             _seed_everything(seed)
         dev = torch.device(device) if device is not None else None
+        self._dist, dev = _distributed.setup(distributed, dev, distributed_hypergrad, seed)
         if dev is not None:
             for p in self.problems:
                 p.module.to(dev)
@@ -70,6 +81,9 @@ class Program:
             raise errors.UsageError("Program(): nan_policy='skip' needs checks='step' (a step can only be "
                                     "skipped when its verdict is read before the update).")
         self._runtime.checks = checks
+        if self._dist is not None:
+            self._dist.attach(self._runtime, shard_optimizer)
+        self._ranks_checked = self._dist is None  # parameters identical on every rank (at the first run)
 
     @public
     def run(self, iterations: int, *, progress: bool | None = None, log_every: int | None = None,
@@ -89,6 +103,9 @@ class Program:
         """
         if iterations < 0:
             raise errors.UsageError(f"Program.run(): iterations={iterations} must be >= 0.")
+        if not self._ranks_checked:
+            self._dist.check_parameters(self.problems)
+            self._ranks_checked = True
         if _plain(progress, log_every, validate, early_stopping, checkpoint_every, checkpoint_dir):
             done = self._runtime.run_periods(iterations)  # the lowered plan, whole periods at a time
             self._runtime.run(iterations - done)
@@ -103,6 +120,22 @@ class Program:
             if p.name == name:
                 return p
         raise KeyError(f"no problem named {name!r}; the problems are {[p.name for p in self.problems]}")
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 in one process)."""
+        return self._dist.rank if self._dist is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks (1 in one process)."""
+        return self._dist.world if self._dist is not None else 1
+
+    def broadcast_parameters(self) -> None:
+        """Copy rank 0's parameters and buffers to every rank (call it on every rank)."""
+        if self._dist is not None:
+            self._dist.broadcast_parameters(self.problems)
+            self._ranks_checked = True
 
     @property
     def iteration(self) -> int:
@@ -120,7 +153,7 @@ class Program:
     @property
     def diagnostics(self) -> dict[str, Any]:
         """The latest solver diagnostics (CG residual, Neumann term norm, FD epsilon) per problem."""
-        return dict(self._runtime.diagnostics)
+        return {k: _value(v) for k, v in self._runtime.diagnostics.items()}
 
     def losses(self) -> dict[str, float]:
         """The loss of each problem at its latest step (a device sync)."""
@@ -134,7 +167,7 @@ class Program:
                 out[f"{name}/loss"] = float(st.last_loss)
                 out[f"{name}/grad_norm"] = float(st.grad_norm) if st.grad_norm is not None else float("nan")
             out[f"{name}/lr"] = st.problem.lr
-        out.update({k: float(v) for k, v in sorted(self._runtime.diagnostics.items())})
+        out.update({k: float(_value(v)) for k, v in sorted(self._runtime.diagnostics.items())})
         return out
 
     def gradient(self, problem: Problem | str, batch: Any = None) -> list[torch.Tensor]:
@@ -158,15 +191,31 @@ class Program:
         _checkpoint.load_state_dict(self, state)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (a crash mid-write leaves the previous file)."""
-        _checkpoint.save(self.state_dict(), path)
+        """Write a checkpoint atomically (a crash mid-write leaves the previous file).
+
+        Distributed: call it on every rank; rank 0 writes every rank's state."""
+        sd = self.state_dict()
+        if self._dist is None:
+            _checkpoint.save(sd, path)
+        else:
+            self._dist.on_main(lambda: _checkpoint.save(sd, path))
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save`; the next ``run`` continues exactly."""
-        _checkpoint.load_state_dict(self, _checkpoint.load(path), path=str(path))
+        """Restore a checkpoint written by :meth:`save`; the next ``run`` continues exactly.
+
+        Distributed: call it on every rank; rank 0 reads the file and broadcasts it."""
+        read = lambda: _checkpoint.load(path)  # noqa: E731
+        sd = read() if self._dist is None else self._dist.on_main(read, share=True)
+        _checkpoint.load_state_dict(self, sd, path=str(path))
+        self._ranks_checked = True
 
     def __repr__(self) -> str:
         return f"Program({[p.name for p in self.problems]})"
+
+
+def _value(diagnostic: Any) -> Any:
+    """Diagnostics may be recorded as thunks, computed only when read."""
+    return diagnostic() if callable(diagnostic) else diagnostic
 
 
 def _plain(progress: bool | None, *options: object) -> bool:

@@ -53,6 +53,8 @@ class ProblemState:
     def __init__(self, problem: Problem, reach: Sequence[Problem], records_unroll: bool) -> None:
         self.problem = problem
         self.reach = tuple(reach)
+        # the buffers of every module the loss may call, listed once (a step restores them on failure)
+        self.reach_buffers = [b for q in self.reach for b in q.module.buffers()]
         self.batches = Batches(problem.name, problem.loc, problem.data)
         self.last_batch: Any = None
         self.has_batch = False

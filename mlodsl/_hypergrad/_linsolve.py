@@ -20,8 +20,9 @@ def neumann(hvp: HVP, v: T.Vec, iterations: int, alpha: float) -> tuple[T.Vec, d
     for _ in range(iterations):
         term = T.add(term, hvp(term), -alpha)
         acc = T.add(acc, term)
-    last = T.norm(term)
-    return T.scale(acc, alpha), {"neumann_last_term_norm": last, "neumann_growth": last / T.norm(v)}
+    # diagnostics as thunks: computed only when logged or checked, not every hypergradient
+    return T.scale(acc, alpha), {"neumann_last_term_norm": lambda: T.norm(term),
+                                 "neumann_growth": lambda: T.norm(term) / T.norm(v)}
 
 
 def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> tuple[T.Vec, dict]:
@@ -49,9 +50,8 @@ def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> t
         rs_new = T.dot(r, r)
         d = T.add(r, d, torch.where(rs != 0, rs_new / _nonzero(rs), torch.zeros_like(rs)))
         rs = rs_new
-    residual = torch.as_tensor(rs).sqrt()
-    return x, {"cg_residual_norm": residual, "cg_relative_residual": residual / T.norm(v),
-               "cg_min_curvature": curvature}
+    return x, {"cg_residual_norm": lambda: rs.sqrt(), "cg_relative_residual": lambda: rs.sqrt() / T.norm(v),
+               "cg_min_curvature": lambda: curvature}
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
