@@ -113,6 +113,15 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, st: dict, lr: float, betas: tu
     return p - (lr / bc1) * m / (root / (bc2 ** 0.5) + eps)
 
 
+def update_for(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]:
+    """The differentiable update of ``optimizer`` (one param group; SGD or Adam without weight decay)."""
+    hp = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        return lambda p, g, st: sgd_update(p, g, st, hp["lr"], hp["momentum"], hp["weight_decay"], hp["dampening"])
+    assert type(optimizer) is torch.optim.Adam and not hp["weight_decay"], "the benchmarks use SGD and Adam"
+    return lambda p, g, st: adam_update(p, g, st, hp["lr"], hp["betas"], hp["eps"])
+
+
 def unrolled(loss_at: Callable[[Vec], torch.Tensor], theta0: Vec, states: list[dict],
              update: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor], inputs: Vec, v: Vec) -> Vec:
     """(∂θ_1/∂x)ᵀ v for the update θ_1 = update(θ_0, ∇C(θ_0, x)), replayed from the snapshot."""
@@ -130,3 +139,63 @@ def apply(optimizer: torch.optim.Optimizer, params: Vec, gradient: Vec) -> None:
         p.grad = g
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+class Bilevel:
+    """The hand-written loop of a bilevel program: per outer iteration one lower step, then one
+    upper step whose gradient is the direct one plus (∂θ*/∂φ)ᵀ v through the lower problem's
+    last step (on its last batch) by ``method``. Subclasses give the two losses."""
+
+    upper_reads_own = False   # whether the upper loss reads φ directly (a direct gradient)
+
+    def __init__(self, method: str, theta: Vec, phi: Vec, opt: torch.optim.Optimizer,
+                 meta_opt: torch.optim.Optimizer, train, meta, *, neumann_iterations: int,
+                 cg_iterations: int, fd_eps: float) -> None:
+        self.method, self.theta, self.phi, self.opt, self.meta_opt = method, theta, phi, opt, meta_opt
+        self.train, self.meta = train, meta
+        self.lr = opt.param_groups[0]["lr"]
+        self.k_neumann, self.k_cg, self.fd_eps = neumann_iterations, cg_iterations, fd_eps
+        self.last = self.snap = None
+
+    def lower_loss(self, batch, theta: Vec | None = None, live_phi: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def upper_loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            self.iteration()
+
+    def iteration(self) -> None:
+        batch = self.train.next()
+        if self.method == "itd":
+            self.snap = snapshot(self.opt, self.theta)
+        apply(self.opt, self.theta, grads(self.lower_loss(batch), self.theta))
+        self.last = batch
+        loss = self.upper_loss(self.meta.next())
+        if self.upper_reads_own:
+            both = grads(loss, self.phi + self.theta)
+            direct, v = both[:len(self.phi)], both[len(self.phi):]
+            total = [d + h for d, h in zip(direct, self.hypergradient(v))]
+        else:
+            total = self.hypergradient(grads(loss, self.theta))
+        apply(self.meta_opt, self.phi, total)
+
+    def hypergradient(self, v: Vec) -> Vec:
+        return through(self.method, lambda theta: self.lower_loss(self.last, theta, live_phi=True),
+                       self.theta, self.phi, v, lr=self.lr, k_neumann=self.k_neumann, k_cg=self.k_cg,
+                       fd_eps=self.fd_eps, snap=self.snap, update=update_for(self.opt))
+
+
+def through(method: str, loss_at: Callable[[Vec | None], torch.Tensor], theta: Vec, inputs: Vec, v: Vec, *,
+            lr: float, k_neumann: int, k_cg: int, fd_eps: float, snap=None, update=None) -> Vec:
+    """(∂θ*/∂x)ᵀ v for a lower problem with loss ``loss_at(θ)`` (``None``: its live θ) by ``method``."""
+    if method == "neumann":
+        return implicit(loss_at(None), theta, inputs, v, lambda g, th, b: neumann(g, th, b, k_neumann, lr))
+    if method == "cg":
+        return implicit(loss_at(None), theta, inputs, v, lambda g, th, b: cg(g, th, b, k_cg))
+    if method == "fd":
+        return finite_difference(loss_at, theta, inputs, v, lr, fd_eps)
+    theta0, states = snap
+    return unrolled(loss_at, theta0, states, update, inputs, v)

@@ -89,18 +89,17 @@ def build_mlodsl(method: str, p: Parts) -> MlodslRunner:
 
 
 # -- hand-written ----------------------------------------------------------------------------
-class Hand:
+class Hand(hand.Bilevel):
     """The loop a researcher writes for MWN with this hypergradient method."""
 
     def __init__(self, method: str, p: Parts) -> None:
-        self.method, self.net, self.wnet = method, p.net, p.wnet
+        theta, phi = list(p.net.parameters()), list(p.wnet.parameters())
+        super().__init__(method, theta, phi, torch.optim.SGD(theta, lr=LR, momentum=MOMENTUM),
+                         torch.optim.Adam(phi, lr=META_LR), Cycle(p.train), Cycle(p.meta),
+                         neumann_iterations=NEUMANN_ITERATIONS, cg_iterations=CG_ITERATIONS, fd_eps=FD_EPS)
+        self.net, self.wnet = p.net, p.wnet
         self.modules = {"reweight": p.wnet, "classifier": p.net}
-        self.theta, self.phi = list(p.net.parameters()), list(p.wnet.parameters())
         self.names = [n for n, _ in p.net.named_parameters()]
-        self.opt = torch.optim.SGD(self.theta, lr=LR, momentum=MOMENTUM)
-        self.meta_opt = torch.optim.Adam(self.phi, lr=META_LR)
-        self.train, self.meta = Cycle(p.train), Cycle(p.meta)
-        self.last = self.snap = None
 
     def lower_loss(self, batch, theta=None, live_phi: bool = False) -> torch.Tensor:
         x, y = batch
@@ -110,34 +109,9 @@ class Hand:
             w = self.wnet(losses.detach()[:, None]).squeeze(1)
         return weighted(losses, w)
 
-    def run(self, n: int) -> None:
-        for _ in range(n):
-            self.iteration()
-
-    def iteration(self) -> None:
-        batch = self.train.next()
-        if self.method == "itd":
-            self.snap = hand.snapshot(self.opt, self.theta)
-        hand.apply(self.opt, self.theta, hand.grads(self.lower_loss(batch), self.theta))
-        self.last = batch
-        x, y = self.meta.next()
-        v = hand.grads(F.cross_entropy(self.net(x), y), self.theta)
-        hand.apply(self.meta_opt, self.phi, self.hypergradient(v))
-
-    def hypergradient(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(∂w*/∂φ)ᵀ v through the classifier's last step (on its last batch)."""
-        at = lambda theta: self.lower_loss(self.last, theta, live_phi=True)  # noqa: E731
-        if self.method == "neumann":
-            return hand.implicit(at(None), self.theta, self.phi, v,
-                                 lambda g, th, b: hand.neumann(g, th, b, NEUMANN_ITERATIONS, LR))
-        if self.method == "cg":
-            return hand.implicit(at(None), self.theta, self.phi, v,
-                                 lambda g, th, b: hand.cg(g, th, b, CG_ITERATIONS))
-        if self.method == "fd":
-            return hand.finite_difference(at, self.theta, self.phi, v, LR, FD_EPS)
-        theta0, states = self.snap
-        return hand.unrolled(at, theta0, states, lambda q, g, st: hand.sgd_update(q, g, st, LR, MOMENTUM),
-                             self.phi, v)
+    def upper_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
 
 
 # -- Betty -----------------------------------------------------------------------------------

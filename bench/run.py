@@ -1,0 +1,427 @@
+"""mlodsl against a hand-written PyTorch loop of the same algorithm and Betty 0.2.1 (issue 7).
+
+    python bench/run.py                      # the full run (about 5–8 minutes on 2 busy cores)
+    python bench/run.py --quick              # a smoke run at reduced repeats and ladder depths
+    python bench/run.py --out bench/RESULTS.md --programs mwn --methods neumann cg --no-memory
+
+Writes its section of ``--out`` between ``<!-- bench:begin -->`` and
+``<!-- bench:end -->`` (other sections of the file are kept) and prints it.
+
+Programs (``bench/programs``): Meta-Weight-Net with an MLP, a DARTS-style
+search, the trilevel pretrain → finetune → reweight chain (one path each), and
+the ladder DAG whose number of paths doubles with each level. Each is built
+three ways on the same data, sizes, seeds and float32 on the CPU: ``mlodsl``
+(the public API), ``hand`` (a hand-written loop of exactly mlodsl's algorithm;
+``tests/test_bench_equivalence.py`` checks that they give the same parameters)
+and ``betty`` (Betty 0.2.1's ImplicitProblem and Engine).
+
+What is measured, per (program, method, side):
+
+- **time per outer iteration** (one step of the uppermost problem with the
+  lower steps it waits for): after a warm-up, blocks of ``block`` iterations,
+  the sides interleaved (A B C, B C A, …, ``repeats`` rounds), each block timed
+  with the CPU time of the calling thread (``time.thread_time``: torch runs on
+  one thread, ``torch.set_num_threads(1)``, so this is the work done and other
+  jobs on the machine do not count) and with the wall clock. Reported: the
+  median over blocks; the ratio against the hand-written loop is the median
+  over rounds of (side / hand) in the same round.
+- **forward / backward / hvp**: counted over one further outer iteration with
+  the same instrument on every side (``bench.common.counting``): calls of the
+  problems' modules, first-order reverse sweeps, and reverse sweeps through a
+  gradient graph (Hessian-vector and mixed second-order products, and reverse
+  passes through unrolled updates).
+- **peak memory**: a fresh subprocess per (program, method, side) imports
+  torch, the program's module, the data and the side's library, then resets
+  the kernel's high-water mark of its resident set (``/proc/self/clear_refs``)
+  and builds the program and trains ``warm-up + 10`` outer iterations;
+  reported is ``ru_maxrss`` at the end minus the resident set at the reset:
+  the memory that building and training
+  the program needs, without the imports (a plain ``ru_maxrss`` difference
+  against an import-only process is swamped by the import peak of torch and
+  scikit-learn). What importing the library adds is listed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import METHODS, SIDES, NotExpressible, counting  # noqa: E402
+from bench.programs import SINGLE_PATH, load  # noqa: E402
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+LADDER_METHODS = ("fd", "neumann")
+
+
+class Settings(NamedTuple):
+    warmup: int
+    repeats: int
+    block: int
+    depths: tuple[int, ...]
+    ladder_warmup: int
+    ladder_repeats: int
+    ladder_block: int
+
+
+FULL = Settings(warmup=10, repeats=15, block=10, depths=(2, 3, 4, 5, 6),
+                ladder_warmup=5, ladder_repeats=11, ladder_block=5)
+QUICK = Settings(warmup=3, repeats=5, block=3, depths=(2, 3, 4),
+                 ladder_warmup=2, ladder_repeats=3, ladder_block=2)
+
+
+class Timing(NamedTuple):
+    cpu_ms: float        # median CPU ms per outer iteration
+    wall_ms: float       # median wall ms per outer iteration
+    ratio: float | None  # median over rounds of (this side / hand), CPU time
+
+
+class Row(NamedTuple):
+    program: str
+    method: str
+    side: str
+    timing: Timing | None
+    counts: dict[str, int] | None
+    peak_mb: float | None
+    note: str = ""
+
+
+# -- building and timing -------------------------------------------------------------------------
+def build(program: str, side: str, method: str, depth: int | None = None):
+    """The runner, or the reason the side cannot express ``method`` on ``program``."""
+    module = load(program)
+    try:
+        return module.build(side, method, **({"depth": depth} if depth is not None else {}))
+    except NotExpressible as e:
+        return str(e)
+
+
+def time_block(runner, n: int) -> tuple[float, float]:
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    runner.run(n)
+    return (time.thread_time() - cpu) * 1000 / n, (time.perf_counter() - wall) * 1000 / n
+
+
+def interleaved(runners: dict[str, Any], warmup: int, repeats: int, block: int) -> dict[str, Timing]:
+    """Warm every side up, then time blocks round-robin with a rotating order."""
+    for r in runners.values():
+        r.run(warmup)
+    sides = list(runners)
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
+    wall: dict[str, list[float]] = {s: [] for s in sides}
+    for i in range(repeats):
+        for s in sides[i % len(sides):] + sides[:i % len(sides)]:
+            c, w = time_block(runners[s], block)
+            cpu[s].append(c)
+            wall[s].append(w)
+    out = {}
+    for s in sides:
+        ratio = statistics.median(a / b for a, b in zip(cpu[s], cpu["hand"])) if "hand" in cpu else None
+        out[s] = Timing(statistics.median(cpu[s]), statistics.median(wall[s]), ratio)
+    return out
+
+
+def count(runner) -> dict[str, int]:
+    with counting(runner.modules) as counts:
+        runner.run(1)
+    return dict(counts)
+
+
+def measure(program: str, method: str, settings: Settings, memory: bool, depth: int | None = None,
+            sides: Sequence[str] = SIDES) -> list[Row]:
+    built = {s: build(program, s, method, depth) for s in sides}
+    runners = {s: r for s, r in built.items() if not isinstance(r, str)}
+    if depth is None:
+        timings = interleaved(runners, settings.warmup, settings.repeats, settings.block)
+    else:
+        timings = interleaved(runners, settings.ladder_warmup, settings.ladder_repeats, settings.ladder_block)
+    rows = []
+    for s in sides:
+        if s not in runners:
+            rows.append(Row(program, method, s, None, None, None, note=built[s]))
+            continue
+        peak = peak_mb(program, method, s, depth, settings) if memory else None
+        rows.append(Row(program, method, s, timings[s], count(runners[s]), peak))
+    return rows
+
+
+# -- memory: fresh subprocesses ------------------------------------------------------------------
+def rss_kib(key: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def warm_up_torch() -> None:
+    """What torch imports or allocates on first use whichever side runs (``torch._dynamo`` on the
+    first optimizer, ``torch.func``, autograd's first sweep), so that it is not counted as the
+    program's memory."""
+    import torch.func  # noqa: F401
+
+    x = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=0.1, momentum=0.9)
+    (g,) = torch.autograd.grad((x * x).sum(), x, create_graph=True)
+    (g * g).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def probe(program: str, method: str, side: str, depth: int | None, iterations: int) -> dict[str, int]:
+    """In a fresh process: import torch, the program, the data and the side's library; then reset
+    the kernel's high-water mark of the resident set and build the program and train it.
+    Returns the resident set before (KiB), its peak after, and what importing the library added."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    module = load(program)
+    if program != "ladder":
+        from bench.common import digits
+        digits()
+    warm_up_torch()
+    before_import = rss_kib()
+    if side != "hand":
+        __import__({"mlodsl": "mlodsl", "betty": "betty.engine"}[side])
+    start = rss_kib()
+    Path("/proc/self/clear_refs").write_text("5")   # VmHWM (and ru_maxrss) := VmRSS
+    runner = module.build(side, method, **({"depth": depth} if depth is not None else {}))
+    runner.run(iterations)
+    return {"start_kib": start, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "import_kib": start - before_import}
+
+
+def run_probe(program: str, method: str, side: str, depth: int | None, iterations: int) -> dict[str, int]:
+    cmd = [sys.executable, str(Path(__file__)), "--probe", program, method, side, "--iterations", str(iterations)]
+    if depth is not None:
+        cmd += ["--depth", str(depth)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_imports: dict[str, list[float]] = {}
+
+
+def peak_mb(program: str, method: str, side: str, depth: int | None, settings: Settings) -> float:
+    """Growth of the resident set while building and training (MiB), in a fresh process."""
+    runs = [run_probe(program, method, side, depth, settings.warmup + 10)]
+    _imports.setdefault(side, []).extend(r["import_kib"] / 1024 for r in runs)
+    return min(r["peak_kib"] - r["start_kib"] for r in runs) / 1024
+
+
+def import_footprint() -> dict[str, float]:
+    return {side: statistics.median(v) for side, v in _imports.items() if side != "hand"}
+
+
+# -- tables --------------------------------------------------------------------------------------
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def single_path_table(rows: list[Row]) -> str:
+    lines = ["| program | method | side | ms / outer it. (CPU) | × hand | wall ms | peak RSS MB | forward | backward | hvp |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.timing is None:
+            lines.append(f"| {r.program} | {r.method} | {r.side} | n/a | | | | | | |")
+            continue
+        c = r.counts or {}
+        ratio = "1" if r.side == "hand" else fmt(r.timing.ratio)
+        lines.append(f"| {r.program} | {r.method} | {r.side} | {fmt(r.timing.cpu_ms, 3)} | {ratio} | "
+                     f"{fmt(r.timing.wall_ms, 3)} | {fmt(r.peak_mb, 1)} | {c.get('forward', '')} | "
+                     f"{c.get('backward', '')} | {c.get('hvp', '')} |")
+    return "\n".join(lines)
+
+
+def ladder_table(rows: list[Row]) -> str:
+    from bench.programs import ladder
+
+    lines = ["| method | depth | edges | paths | hand ms | mlodsl ms | Betty ms | mlodsl × hand | Betty / mlodsl "
+             "| mlodsl ms / edge | Betty ms / path | peak RSS MB (mlodsl / Betty) | fwd · bwd · hvp (mlodsl / Betty) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    key = lambda r: (r.method, int(r.note.split("=")[1]))  # noqa: E731
+    groups: dict[tuple[str, int], dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault(key(r), {})[r.side] = r
+    for (method, depth), g in sorted(groups.items(), key=lambda kv: (LADDER_METHODS.index(kv[0][0]), kv[0][1])):
+        h, m, b = (g[s].timing for s in SIDES)
+        cm, cb = g["mlodsl"].counts, g["betty"].counts
+        counts = f"{cm['forward']} · {cm['backward']} · {cm['hvp']} / {cb['forward']} · {cb['backward']} · {cb['hvp']}"
+        lines.append(f"| {method} | {depth} | {ladder.edges(depth)} | {ladder.paths(depth)} | {fmt(h.cpu_ms)} | "
+                     f"{fmt(m.cpu_ms)} | {fmt(b.cpu_ms)} | {fmt(m.ratio)} | {fmt(b.cpu_ms / m.cpu_ms, 1)} | "
+                     f"{fmt(m.cpu_ms / ladder.edges(depth), 3)} | {fmt(b.cpu_ms / ladder.paths(depth), 2)} | "
+                     f"{fmt(g['mlodsl'].peak_mb, 1)} / {fmt(g['betty'].peak_mb, 1)} | {counts} |")
+    return "\n".join(lines)
+
+
+def checks(single: list[Row], lad: list[Row], max_depth: int) -> str:
+    """The issue's claims, each evaluated on this run."""
+    out = []
+    by = {(r.program, r.method, r.side): r for r in single}
+    slow = [f"{p}/{m} {by[(p, m, 'mlodsl')].timing.ratio:.2f}×" for (p, m, s), r in by.items()
+            if s == "mlodsl" and r.timing and r.timing.ratio > 1.05]
+    out.append(("mlodsl within 1.05× of the hand-written loop on every single-path program", not slow,
+                "over: " + ", ".join(slow) if slow else ""))
+    worse = [f"{p}/{m}" for (p, m, s), r in by.items() if s == "mlodsl" and r.timing and
+             by[(p, m, "betty")].timing and r.timing.cpu_ms > by[(p, m, "betty")].timing.cpu_ms]
+    out.append(("mlodsl no slower than Betty on every single-path program (where Betty expresses the method)",
+                not worse, "slower on: " + ", ".join(worse) if worse else ""))
+    deep = {r.method: {} for r in lad}
+    for r in lad:
+        deep[r.method][r.side] = deep[r.method].get(r.side, {}) | {int(r.note.split("=")[1]): r}
+    for method, sides in deep.items():
+        if max_depth in sides.get("mlodsl", {}):
+            m, b = sides["mlodsl"][max_depth].timing.cpu_ms, sides["betty"][max_depth].timing.cpu_ms
+            out.append((f"ladder ({method}), depth {max_depth}: mlodsl ≥ 8× faster than Betty", b / m >= 8,
+                        f"{b / m:.1f}×"))
+    mem = [r for r in single + lad if r.side == "mlodsl" and r.peak_mb is not None]
+    higher = []
+    for r in mem:
+        twin = next((t for t in single + lad if (t.program, t.method, t.side, t.note) == (r.program, r.method, "betty", r.note)
+                     and t.peak_mb is not None), None)
+        if twin is not None and r.peak_mb > twin.peak_mb:
+            higher.append(f"{r.program}{'/' + r.note if r.note else ''}/{r.method} "
+                          f"({r.peak_mb:.1f} vs {twin.peak_mb:.1f} MB)")
+    if mem:
+        out.append(("peak memory of mlodsl no higher than Betty's on every program", not higher,
+                    "higher on: " + ", ".join(higher) if higher else ""))
+    return "\n".join(f"- {'✓' if ok else '✗'} {text}{' — ' + detail if detail else ''}" for text, ok, detail in out)
+
+
+def environment() -> str:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        except OSError:
+            return "?"
+
+    import betty  # noqa: F401
+
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--", "mlodsl", "compiler", "bench") else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, mlodsl at `{git('rev-parse', '--short', 'HEAD')}`"
+            f"{dirty}, torch {torch.__version__}, Betty {_betty_version()}, Python {platform.python_version()}, "
+            f"{cpu} ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start), "
+            f"float32, CPU, `torch.set_num_threads(1)`")
+
+
+def _betty_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("betty-ml")
+    except Exception:
+        return "?"
+
+
+def section(command: str, env: str, settings: Settings, single: list[Row], lad: list[Row],
+            imports: dict[str, float] | None, seconds: float) -> str:
+    parts = [BEGIN, "## Benchmarks (issue 7): mlodsl, a hand-written loop, Betty 0.2.1", "",
+             f"Produced by `{command}` in {seconds / 60:.1f} min; {env}. What each column measures is in "
+             "the docstring of `bench/run.py`; in short: **CPU ms of the calling thread per outer iteration** "
+             f"(median of {settings.repeats} interleaved blocks of {settings.block} after {settings.warmup} warm-up "
+             "iterations; the machine is shared, so wall time is shown but not compared), **× hand** = median "
+             "of the per-round ratios to the hand-written loop, **peak RSS** = `ru_maxrss` of a fresh process "
+             "(after the imports and the data, which are listed apart) that builds and trains, minus its resident set "
+             "before building, **forward / backward / hvp** = problem-module calls, first-order reverse sweeps and "
+             "reverse sweeps through a gradient graph in one outer iteration, counted the same way on every side.",
+             "", "Methods: `fd` = finite differences (Betty `darts`, which omits the factor α = the lower "
+             "learning rate: a scale, not a cost), `neumann` = 3 Neumann terms, `cg` = 5 CG iterations, `itd` = "
+             "reverse mode through the lower problem's last update (Betty 0.2.1: n/a, see below). In every "
+             "program each lower problem takes one step per upper step.", "", "### Checks", "",
+             checks(single, lad, max(settings.depths)) if single or lad else "(nothing measured)", ""]
+    if single:
+        parts += ["### Single-path programs", "", single_path_table(single), ""]
+    if lad:
+        parts += ["### Ladder: paths double with each level", "",
+                  "Levels 0 … d−1 hold two problems each, `top` is level d; each problem reads both optima of "
+                  "the level below and `top` constrains level 0, so 4d edges and 2^d paths (`bench/programs/"
+                  "ladder.py`; θ ∈ R^8, quadratic losses, so the time is Python and graph work). ms = CPU ms per "
+                  f"outer iteration (median of {settings.ladder_repeats} interleaved blocks of "
+                  f"{settings.ladder_block}); one outer iteration steps all 2d+1 problems.", "",
+                  ladder_table(lad), ""]
+    if imports:
+        parts += ["### Library import", "", "Resident memory that importing the library adds to a process "
+                  "that has imported torch and built the data (not part of the peaks above): " + ", ".join(f"{k} {v:.1f} MB" for k, v in imports.items())
+                  + ".", ""]
+    notes = sorted({r.note for r in single if r.timing is None and r.note})
+    if notes:
+        parts += ["### n/a", ""] + [f"- Betty, `itd`: {n}." for n in notes] + [""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def write(out: Path, text: str) -> None:
+    old = out.read_text() if out.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "# Benchmark results\n\n") + text + "\n"
+    out.write_text(new)
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, ladder depths 2-4")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--programs", nargs="+", default=[*SINGLE_PATH, "ladder"],
+                        choices=[*SINGLE_PATH, "ladder"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
+    parser.add_argument("--probe", nargs=3, metavar=("PROGRAM", "METHOD", "SIDE"), help=argparse.SUPPRESS)
+    parser.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(*args.probe, args.depth, args.iterations)))
+        return
+    command = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    settings = QUICK if args.quick else FULL
+    memory = not args.no_memory
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    start, env = time.perf_counter(), environment()
+    single: list[Row] = []
+    for program in [p for p in args.programs if p != "ladder"]:
+        for method in args.methods:
+            single += measure(program, method, settings, memory)
+            _progress(single[-3:])
+    lad: list[Row] = []
+    if "ladder" in args.programs:
+        for method in [m for m in LADDER_METHODS if m in args.methods]:
+            for depth in settings.depths:
+                rows = measure("ladder", method, settings, memory and depth == max(settings.depths), depth)
+                lad += [r._replace(note=f"depth={depth}") for r in rows]
+                _progress(lad[-3:])
+    imports = import_footprint() if memory else None
+    text = section(command, env, settings, single, lad, imports, time.perf_counter() - start)
+    write(args.out, text)
+    print(text)
+
+
+def _progress(rows: list[Row]) -> None:
+    parts = [f"{r.side} {r.timing.cpu_ms:.3f} ms" if r.timing else f"{r.side} n/a" for r in rows]
+    r = rows[0]
+    print(f"[bench] {r.program} {r.method} {r.note}: " + ", ".join(parts), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
