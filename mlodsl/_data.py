@@ -7,7 +7,10 @@ fast-forwards, which gives exactly the batches an uninterrupted run sees.
 
 A step that fails gives its batches back (``mark`` / ``rewind``): they are
 drawn again, in order, before anything new, so a rolled-back step loses no data
-and a retry sees the same batches.
+and a retry sees the same batches. A draw that started a new pass also used
+torch's generator (the loader's seeds); the step's rollback restores the
+generator, so giving such a batch back also replays that use, and the retry
+draws the same dropout masks as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from compiler import errors
+from mlodsl._distributed import set_epoch
 
 
 class Mark(NamedTuple):
@@ -33,6 +37,9 @@ class Mark(NamedTuple):
 class _Draw(NamedTuple):
     batch: Any
     after: Mark  # where the data stood once the batch was drawn
+    rng_after: torch.Tensor | None = None  # torch's generator after the draw, when the draw used it
+
+
 
 
 class Batches:
@@ -54,8 +61,13 @@ class Batches:
         if self._given_back:
             draw = self._given_back.pop(0)
             self._set(draw.after)
+            if draw.rng_after is not None:  # the original draw started a pass: replay its use of the RNG
+                torch.set_rng_state(draw.rng_after)
         else:
-            draw = _Draw(self._draw(), self._mark())
+            pass_before = self._rng
+            batch = self._draw()
+            used_rng = self._rng is not pass_before  # a new iterator drew its seeds from torch's RNG
+            draw = _Draw(batch, self._mark(), torch.get_rng_state() if used_rng else None)
         if self._journal is not None:
             self._journal.append(draw)
         return draw.batch
@@ -96,10 +108,10 @@ class Batches:
         fmt = dict(name=self.name, loc=self.loc)
         if self.position == 0:
             raise errors.ProblemError(errors.DATA_EMPTY.format(**fmt))
+        self.epoch += 1  # before the new iterator: a DistributedSampler shuffles by epoch
         self._it = self._new_iterator()
         if self._it is self.data:
             raise errors.ProblemError(errors.DATA_RAN_DRY.format(**fmt))
-        self.epoch += 1
         self.position = 0
         try:
             return next(self._it)
@@ -108,6 +120,7 @@ class Batches:
 
     def _new_iterator(self) -> Any:
         self._rng = torch.get_rng_state()
+        set_epoch(self.data, self.epoch)
         return iter(self.data)
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from compiler import EdgeKind, Plan, Step, errors
+from mlodsl import _compile
 from mlodsl import _tree as T
 from mlodsl._bindings import FROZEN, LIVE, Bindings, bound
 from mlodsl._guard import Guard, explain_loss_failure
@@ -40,6 +41,9 @@ class Runtime:
         self.device = device
         self.autocast = autocast
         self.solver_policy = "warn"  # "warn" | "raise" | "off": what unhealthy solver diagnostics do
+        # per-rank quantities -> the combined batch's (mlodsl._distributed); one process: as they are
+        self.reduce: Callable[[T.Vec, str], T.Vec] = _as_is
+        self.compiled = False  # modules under torch.compile (Program(compile=...))
         self.checks = "step"  # "step": finite check (a host sync) each step | "log": at sync points only
         self._deferred: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (all ok, first bad step)
         self.state = {
@@ -110,8 +114,17 @@ class Runtime:
 
     def step(self, step: Step) -> None:
         st = self.state[step.problem]
-        with self.guard.transaction(st, step):
-            self._step(step, st)
+        try:
+            with self.guard.transaction(st, step):
+                self._step(step, st)
+        except errors.MlodslError as e:
+            if not (self.compiled and _compile.is_compile_error(e)):
+                raise
+            _compile.undo(self.problems.values())   # rolled back: retry eagerly, once
+            self.compiled = False
+            _compile.warn_fallback(e)
+            with self.guard.transaction(st, step):
+                self._step(step, st)
 
     def _step(self, step: Step, st: ProblemState) -> None:
         p = st.problem
@@ -200,6 +213,7 @@ class Runtime:
             return self._no_gradient(p), loss
         diff = p.params + [t for s in seeds for t in s.params]
         grads = T.fill_none(torch.autograd.grad(loss, diff, allow_unused=True), diff)
+        *grads, loss = self.reduce([*grads, loss.detach()], "seed")
         parts = T.split(grads, [len(p.params)] + [len(s.params) for s in seeds])
         direct, adjoints = parts[0], dict(zip(hp.seeds, parts[1:]))
         for visit in hp.visits:
@@ -211,6 +225,7 @@ class Runtime:
                 direct, out = T.add(direct, out[0]), out[1:]
             for r, contribution in zip(visit.to_lowers, out):
                 adjoints[r] = T.add(adjoints[r], contribution) if r in adjoints else contribution
+        *direct, loss = self.reduce([*direct, loss], "total")
         return direct, loss
 
     def _no_gradient(self, p: Problem) -> T.Vec:
@@ -247,6 +262,10 @@ class Runtime:
         bad = [n for n, ok in zip(p.param_names, flags[1:].tolist()) if not ok]
         raise errors.NonFiniteError(errors.GRAD_NOT_FINITE.format(
             name=p.name, loc=p.loc, where=", ".join(bad), step=step))
+
+
+def _as_is(vec: T.Vec, kind: str = "product") -> T.Vec:
+    return vec
 
 
 def _check_loss(p: Problem, out: Any) -> None:

@@ -288,3 +288,25 @@ def test_seed_and_bf16_precision():
     bf16 = build_and_run("bf16")
     assert not torch.equal(bf16, build_and_run("fp32"))
     assert torch.allclose(bf16, build_and_run("fp32"), atol=0.05)
+
+
+def test_a_retry_after_a_failure_at_a_new_data_pass_replays_the_loader_seeds():
+    """The first draw of a pass takes a DataLoader's seeds from torch's RNG; a rolled-back step
+    gives the batch back and must replay that use, or dropout masks after it differ."""
+    straight = program_under_test()
+    straight.run(iterations=3, progress=False)
+    program = program_under_test()
+    inner = program["inner"].fn
+    fail = [True]
+
+    def fails_once(batch):
+        if fail:
+            fail.clear()
+            raise RuntimeError("transient")
+        return inner(batch)
+
+    program["inner"].fn = fails_once
+    with pytest.raises(ProblemError, match="transient"):
+        program.run(iterations=3, progress=False)
+    program.run(iterations=3 - program.iteration, progress=False)
+    assert torch.equal(flat(straight), flat(program))
