@@ -154,3 +154,17 @@ def test_public_arguments_are_type_checked():
         problem(module="net", optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
     with pytest.raises(UsageError, match="Program"):
         Program(["not a problem"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("mlodsl.hypergrad", fromlist=["Neumann"]).Neumann(iterations=-1),
+     r"Neumann\(iterations=-1\): iterations must be an int >= 0\. Fix:"),
+    (lambda: __import__("mlodsl.hypergrad", fromlist=["Neumann"]).Neumann(alpha=0),
+     r"Neumann\(alpha=0\): alpha must be None \(the learning rate\) or a number > 0"),
+    (lambda: __import__("mlodsl.hypergrad", fromlist=["CG"]).CG(damping=-0.5), r"CG\(damping=-0.5\)"),
+    (lambda: __import__("mlodsl.hypergrad", fromlist=["FiniteDifference"]).FiniteDifference(eps=0),
+     r"eps must be a number > 0"),
+])
+def test_method_settings_are_checked_with_a_fix(make, message):
+    with pytest.raises(UsageError, match=message):
+        make()

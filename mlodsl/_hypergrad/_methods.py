@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
-from attrs import field, frozen, validators
+from attrs import field, frozen
+
+from compiler.errors import UsageError
 
 from mlodsl import _tree as T
 from mlodsl._hypergrad import _linsolve
@@ -48,7 +50,21 @@ class HypergradMethod(Protocol):
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]: ...
 
 
-_positive_int = [validators.instance_of(int), validators.ge(0)]
+def _check(expected: str, ok: Callable[[object], bool]) -> Callable:
+    """An attrs validator that raises a UsageError naming the method, the field and the fix."""
+    def validate(instance: object, attribute: object, value: object) -> None:
+        if not ok(value):
+            name = getattr(attribute, "name", "?")
+            raise UsageError(f"{type(instance).__name__}({name}={value!r}): {name} must be {expected}. "
+                             f"Fix: pass {name} as {expected}, or leave it out for the default.")
+    return validate
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_positive_int = _check("an int >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 
 
 @frozen
@@ -80,7 +96,8 @@ class Neumann:
     """
 
     iterations: int = field(default=3, validator=_positive_int)
-    alpha: float | None = None
+    alpha: float | None = field(default=None, validator=_check(
+        "None (the learning rate) or a number > 0", lambda v: v is None or (_is_number(v) and v > 0)))
     name: ClassVar[str] = "neumann"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
@@ -96,7 +113,7 @@ class CG:
     """
 
     iterations: int = field(default=10, validator=_positive_int)
-    damping: float = field(default=0.0, validator=validators.ge(0.0))
+    damping: float = field(default=0.0, validator=_check("a number >= 0", lambda v: _is_number(v) and v >= 0))
     name: ClassVar[str] = "cg"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
@@ -114,7 +131,7 @@ class FiniteDifference:
     unrolled approximation of the best-response Jacobian.
     """
 
-    eps: float = field(default=0.01, validator=validators.gt(0.0))
+    eps: float = field(default=0.01, validator=_check("a number > 0", lambda v: _is_number(v) and v > 0))
     name: ClassVar[str] = "fd"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
