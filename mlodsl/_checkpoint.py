@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from compiler import errors
+from mlodsl import _distributed
 
 if TYPE_CHECKING:
     from mlodsl._program import Program
@@ -45,11 +46,20 @@ MISMATCH = (
 def state_dict(program: Program) -> dict[str, Any]:
     from mlodsl import _runtime
 
-    problems = {p.name: {"module": p.module.state_dict(), "optimizer": p.optimizer.state_dict(),
+    problems = {p.name: {"module": p.module.state_dict(), "optimizer": _optimizer_state(program, p),
                          "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None}
                 for p in program.problems}
-    return {"format": FORMAT, "problems": problems, "runtime": _runtime.state_dict(program._runtime),
-            "rng": _rng_state()}
+    sd = {"format": FORMAT, "problems": problems, "runtime": _runtime.state_dict(program._runtime),
+          "rng": _rng_state()}
+    if program._dist is not None:  # every rank's data position, batches and RNG (rank 0: a list)
+        sd["ranks"] = program._dist.gather({"runtime": sd["runtime"], "rng": sd["rng"]})
+    return sd
+
+
+def _optimizer_state(program: Program, p: Any) -> dict[str, Any] | None:
+    if program._dist is None:
+        return p.optimizer.state_dict()
+    return _distributed.optimizer_state(p.optimizer, program._dist.main)  # ZeRO: gathered on rank 0
 
 
 def load_state_dict(program: Program, sd: dict[str, Any], path: str = "<state_dict>") -> None:
@@ -58,12 +68,14 @@ def load_state_dict(program: Program, sd: dict[str, Any], path: str = "<state_di
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         raise CheckpointError(BAD_CHECKPOINT.format(path=path, why="it is not an mlodsl checkpoint"))
     saved, mine = sorted(sd["problems"]), sorted(p.name for p in program.problems)
+    if program._dist is not None:
+        sd = program._dist.own(sd)
     if saved != mine:
         raise CheckpointError(MISMATCH.format(path=path, saved=saved, mine=mine))
     for p in program.problems:
         entry = sd["problems"][p.name]
         p.module.load_state_dict(entry["module"])
-        p.optimizer.load_state_dict(entry["optimizer"])
+        _distributed.load_optimizer_state(p.optimizer, entry["optimizer"])
         if p.scheduler is not None and entry["scheduler"] is not None:
             p.scheduler.load_state_dict(entry["scheduler"])
     _runtime.load_state_dict(program._runtime, sd["runtime"])

@@ -96,8 +96,11 @@ class Loop:
                              "returning a dict of metrics).")
         self.program, self.runtime, self.iterations = program, program._runtime, iterations
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.dist = program._dist  # distributed: only rank 0 shows progress and logs
         self.log_every = log_every
         self.loggers = list(loggers) if loggers is not None else ([Console()] if log_every else [])
+        if self.dist is not None and not self.dist.main:
+            self.progress, self.loggers = False, []
         self.validate, self.validate_every = validate, validate_every or (log_every or 1)
         self.early_stopping = early_stopping
         self.checkpoint_every = checkpoint_every
@@ -110,14 +113,18 @@ class Loop:
         bar = tqdm(total=self.iterations, disable=not self.progress, dynamic_ncols=True, unit="it")
         try:
             with _Interrupt() as interrupt:
-                self.runtime.stop_requested = lambda: interrupt.requested
+                requested = lambda: interrupt.requested  # noqa: E731
+                if self.dist is not None:  # every rank stops after the same iteration
+                    requested = lambda: self.dist.any(interrupt.requested)  # noqa: E731
+                else:
+                    self.runtime.stop_requested = requested
                 for _ in range(self.iterations):
                     self.runtime.run_iteration()
                     self.history.iterations += 1
                     bar.update(1)
-                    if self._after_iteration(bar) or interrupt.requested:
+                    if self._after_iteration(bar) or requested():
                         break
-                if interrupt.requested:
+                if requested():
                     self._checkpoint("last.pt")
                     raise KeyboardInterrupt
                 self.runtime.finish_run()
@@ -162,6 +169,8 @@ class Loop:
 
     def _validate(self, it: int) -> bool:
         metrics = {k: float(v) for k, v in self.validate(self.program).items()}
+        if self.dist is not None:  # rank 0's metrics decide, so that every rank stops together
+            metrics = self.dist.broadcast_object(metrics)
         self.history.validations.append({"iteration": it, **metrics})
         for logger in self.loggers:
             logger.log(it, {f"validation/{k}": v for k, v in metrics.items()})

@@ -44,12 +44,12 @@ class GradGraph:
 
     def hvp(self, v: T.Vec) -> T.Vec:
         self.lower.runtime.count("hvp")
-        return vjp(self.g, self.lower.params, v, retain=True)
+        return self.lower.runtime.reduce(vjp(self.g, self.lower.params, v, retain=True), "product")
 
     def cross(self, p: T.Vec) -> list[T.Vec]:
         self.lower.runtime.count("mixed_vjp")
         flat = self.lower.flat_inputs
-        return T.split(vjp(self.g, flat, p, retain=False), self.lower.sizes)
+        return T.split(self.lower.runtime.reduce(vjp(self.g, flat, p, retain=False), "product"), self.lower.sizes)
 
 
 class LowerView:
@@ -81,7 +81,7 @@ class LowerView:
         if not loss.requires_grad:
             return self.zeros_for_inputs()
         grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
-        return T.split(T.fill_none(grads, self.flat_inputs), self.sizes)
+        return T.split(self.runtime.reduce(T.fill_none(grads, self.flat_inputs), "product"), self.sizes)
 
     def zeros_for_inputs(self) -> list[T.Vec]:
         return [T.zeros_like(q.params) for q in self.inputs]
@@ -100,10 +100,11 @@ class LowerView:
             self.runtime.count("unrolled_update")
             loss = sum(self.loss(live=False, theta=theta, batch=b) for b in batches) / len(batches)
             grads = T.fill_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
+            grads = self.runtime.reduce(grads, "replay")  # the combined batch's g_t, differentiably
             updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]
             theta = [u[0] for u in updated]
             states = [u[1] for u in updated]
         with torch.no_grad():
             gap = torch.stack([(a - b).abs().max() for a, b in zip(theta, self.params)]).max()
         self.record("unroll_replay_error", gap)  # a tensor: read only when logged
-        return T.split(vjp(theta, self.flat_inputs, v, retain=False), self.sizes)
+        return T.split(self.runtime.reduce(vjp(theta, self.flat_inputs, v, retain=False), "product"), self.sizes)
