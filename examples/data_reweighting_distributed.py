@@ -31,8 +31,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data_reweighting as mwn  # noqa: E402
 import digits  # noqa: E402

@@ -127,21 +127,37 @@ def setup(distributed: bool | None, device: torch.device | None, mode: str,
     """
     if mode not in MODES:
         raise errors.UsageError(f"Program(distributed_hypergrad={mode!r}): expected one of {MODES}.")
-    if distributed is False or not dist.is_available():
+    if not _wanted(distributed, device) or (distributed is None and dist.get_world_size() == 1):
+        return None, device
+    device = _rank_device(device)  # before any collective: NCCL works on the current device
+    return Distributed(mode, seed=0 if seed is None else seed), device
+
+
+def _wanted(distributed: bool | None, device: torch.device | None) -> bool:
+    """Whether to run distributed; under torchrun, the process group is started here."""
+    if distributed is False:
+        return False
+    if not dist.is_available():
         if distributed:
             raise errors.UsageError(NOT_LAUNCHED.format(why="this torch is built without torch.distributed"))
-        return None, device
+        return False
     if not dist.is_initialized():
         if not (distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            return None, device
+            return False
         _start(device)
-    if distributed is None and dist.get_world_size() == 1:
-        return None, device
-    if device is not None and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-    if device is not None and device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Distributed(mode, seed=0 if seed is None else seed), device
+    return True
+
+
+def _rank_device(device: torch.device | None) -> torch.device | None:
+    """``cuda`` without an index is this rank's GPU: ``cuda:<LOCAL_RANK>``."""
+    if device is None or device.type != "cuda":
+        return device
+    if device.index is None:
+        local = os.environ.get("LOCAL_RANK")
+        index = int(local) if local is not None else dist.get_rank() % torch.cuda.device_count()
+        device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
 
 
 def _start(device: torch.device | None) -> None:
@@ -480,8 +496,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer, main: bool) -> dict | None
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    """``optimizer.load_state_dict(sd)``; a ZeroRedundancyOptimizer keeps its shard (and no
-    placeholder entries for the parameters other ranks own)."""
+    """``optimizer.load_state_dict(sd)``. A ZeroRedundancyOptimizer loads its shard into the
+    optimizer that steps; the copy of the whole state it also keeps is dropped (it is never read:
+    ``consolidate_state_dict`` gathers the shards)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
     optimizer.load_state_dict(sd)
-    for key in [k for k, v in optimizer.state.items() if v is None]:
-        del optimizer.state[key]
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.state.clear()

@@ -51,8 +51,8 @@ def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return X, torch.tanh(X @ w) + 0.1 * torch.randn(N, generator=gen, dtype=DT)
 
 
-def _loader(seed: int, batch: int) -> DataLoader:
-    return DataLoader(TensorDataset(*_data(seed)), batch_size=batch, shuffle=False)
+def _loader(seed: int, batch: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(TensorDataset(*_data(seed)), batch_size=batch, shuffle=shuffle)
 
 
 def _batches(seed: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,23 +85,23 @@ def bilevel(method: str, batch: int, seed: int = 0, **kw) -> Program:
     return Program([penalty, fit], **{"solvers": "off", **kw})
 
 
-def trilevel(method: str, batch: int, seed: int = 0, **kw) -> Program:
+def trilevel(method: str, batch: int, seed: int = 0, shuffle: bool = False, **kw) -> Program:
     """Pretrain (low, penalized by top) -> finetune a residual (mid, reads θ*_low) -> top (reads θ*_mid)."""
     torch.manual_seed(seed)
     net, head, pen = _mlp(), nn.Linear(DIM, 1).to(DT), Vec(DIM)
 
-    @problem(module=pen, optimizer=torch.optim.SGD(pen.parameters(), lr=0.1), data=_loader(2, batch))
+    @problem(module=pen, optimizer=torch.optim.SGD(pen.parameters(), lr=0.1), data=_loader(2, batch, shuffle))
     def top(b):
         x, t = b
         return F.mse_loss(mid(x).squeeze(1), t)
 
-    @problem(module=head, optimizer=torch.optim.Adam(head.parameters(), lr=0.05), data=_loader(1, batch),
+    @problem(module=head, optimizer=torch.optim.Adam(head.parameters(), lr=0.05), data=_loader(1, batch, shuffle),
              upper=[top], hypergrad=METHODS[method]())
     def mid(b):
         x, t = b
         return F.mse_loss((mid(x) + low(x)).squeeze(1), t) + 0.01 * (mid.module.weight ** 2).sum()
 
-    @problem(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=_loader(0, batch),
+    @problem(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), data=_loader(0, batch, shuffle),
              upper=[mid], hypergrad=METHODS[method](), steps=2)
     def low(b):
         x, t = b
@@ -166,14 +166,15 @@ def _mismatch(rank: int) -> dict:
 
 
 def _checkpoint(folder: str) -> dict:
-    """Run 4, save, run 4 more (with logging); a fresh program that loads and runs 4 must agree."""
+    """Run 4, save, run 4 more (with logging); a fresh program that loads and runs 4 must agree.
+    Shuffled: the checkpoint falls in the middle of an epoch of the DistributedSamplers."""
     path = os.path.join(folder, "ck.pt")
-    program = trilevel("cg", B)
+    program = trilevel("cg", B, shuffle=True)
     program.run(4)
     program.save(path)
     recorder = Recorder()
     program.run(4, log_every=2, loggers=[recorder])
-    resumed = trilevel("cg", B, seed=123)
+    resumed = trilevel("cg", B, seed=123, shuffle=True)
     resumed.load(path)
     resumed.run(4)
     return {"straight": params(program), "resumed": params(resumed), "logged": recorder.rows}
@@ -189,8 +190,11 @@ def _zero(folder: str) -> dict:
     resumed = bilevel("cg", B, seed=5, shard_optimizer=True)
     resumed.load(path)
     resumed.run(ITERATIONS - 4)
+    resumed.save(path)  # consolidates the shards again after a load
+    saved = torch.load(path, weights_only=False)["problems"]["fit"]["optimizer"]["state"]
     return {"params": params(program), "resumed": params(resumed),
-            "optimizer": type(program["fit"].optimizer).__name__}
+            "optimizer": type(program["fit"].optimizer).__name__,
+            "saved_momenta": sorted(k for k, v in saved.items() if "momentum_buffer" in v)}
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +265,7 @@ def test_sharded_optimizer_state_gives_the_same_parameters_and_checkpoints(ranks
         assert r["zero"]["optimizer"] == "ZeroRedundancyOptimizer"
         assert _max_gap(r["zero"]["params"], params(one)) < 1e-10
         assert _max_gap(r["zero"]["params"], r["zero"]["resumed"]) == 0.0
+        assert r["zero"]["saved_momenta"] == [0, 1, 2, 3]  # every parameter's, whichever rank owns it
 
 # -- sharding, without a process group ------------------------------------------------------------
 def test_a_dataloader_over_a_dataset_is_sharded_by_example_with_its_settings():
@@ -317,3 +322,20 @@ def test_sharded_optimizer_state_is_refused_where_the_whole_state_is_replayed():
 
     with pytest.raises(UsageError, match="has roll_back=True, which snapshots its optimizer's state"):
         shard_optimizer_of(lonely)
+
+
+def test_a_shuffled_shard_reshuffles_each_epoch_and_the_ranks_cover_the_data():
+    from mlodsl._data import Batches
+
+    X, y = _data(0)
+    loader = DataLoader(TensorDataset(X, y), batch_size=B, shuffle=True)
+    epochs = {}
+    for rank in range(WORLD):
+        batches = Batches("fit", "here", shard(loader, rank, WORLD, "fit", "here", seed=3))
+        drawn = [batches.next()[0] for _ in range(2 * N // (WORLD * B))]  # two passes
+        half = len(drawn) // 2
+        epochs[rank] = [torch.cat(drawn[:half]), torch.cat(drawn[half:])]
+    for e in range(2):
+        both = torch.cat([epochs[r][e] for r in range(WORLD)])
+        assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, X.tolist()))  # each example once
+    assert not torch.equal(epochs[0][0], epochs[0][1])  # set_epoch: a new shuffle
