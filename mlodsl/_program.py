@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from compiler import Graph, Plan, compile_specs, errors
-from mlodsl import _checkpoint, _distributed
+from mlodsl import _checkpoint, _compile, _distributed
 from mlodsl._check import public
 from mlodsl._collect import collect
 from mlodsl._loop import EarlyStopping, History, Loop
@@ -41,7 +41,9 @@ class Program:
     says when finiteness is read: each step ("step": one host sync per step,
     and a failing step is rolled back) or only at log iterations and the end
     of ``run`` ("log": no host sync in the hot loop; a failure is reported
-    late and not rolled back).
+    late and not rolled back). ``compile=True`` (or a dict of ``torch.compile``
+    options) compiles every module; if compilation fails the step is retried
+    eagerly and the program goes on without it.
 
     Under ``torchrun`` (or an initialized process group; ``distributed=True``
     requires one, ``False`` ignores it) the program is data parallel: each
@@ -59,7 +61,7 @@ class Program:
                  solvers: Literal["warn", "raise", "off"] = "warn",
                  checks: Literal["step", "log"] = "step", distributed: bool | None = None,
                  distributed_hypergrad: Literal["exact", "local"] = "exact",
-                 shard_optimizer: bool = False) -> None:
+                 shard_optimizer: bool = False, compile: bool | dict[str, Any] = False) -> None:
         self.problems = tuple(problems)
         for p in self.problems:
             p.refresh_params()
@@ -81,6 +83,9 @@ class Program:
             raise errors.UsageError("Program(): nan_policy='skip' needs checks='step' (a step can only be "
                                     "skipped when its verdict is read before the update).")
         self._runtime.checks = checks
+        if compile:
+            _compile.apply(self.problems, compile if isinstance(compile, dict) else {})
+            self._runtime.compiled = True
         if self._dist is not None:
             self._dist.attach(self._runtime, shard_optimizer)
         self._ranks_checked = self._dist is None  # parameters identical on every rank (at the first run)
