@@ -211,21 +211,16 @@ class Distributed:
     def check_parameters(self, problems: Sequence[Problem]) -> None:
         """Raise on every rank if some rank's parameters differ from rank 0's (bit for bit)."""
         differ = torch.zeros(self.world, len(problems), dtype=torch.int64)
-        first: dict[str, str] = {}
+        first = {p.name: _first_differing(p) for p in problems}
         for j, p in enumerate(problems):
-            names, tensors = zip(*p.module.named_parameters()) if list(p.module.parameters()) else ((), ())
-            mine = [t.detach() for t in tensors]
-            bad = [n for n, a, b in zip(names, mine, _broadcast_copy(mine)) if not torch.equal(a, b)]
-            if bad:
-                differ[self.rank, j] = 1
-                first[p.name] = bad[0]
-        dist.all_reduce(differ, group=self.control)
+            differ[self.rank, j] = first[p.name] is not None
+        dist.all_reduce(differ, group=self.control)  # every rank learns which ranks differ
         for j, p in enumerate(problems):
             ranks = [r for r in range(self.world) if differ[r, j]]
             if ranks:
-                where = f" (here, rank {self.rank}: first {first[p.name]!r})" if p.name in first else ""
+                here = f" (here, rank {self.rank}: first {first[p.name]!r})" if first[p.name] else ""
                 raise errors.ProblemError(PARAMETERS_DIFFER.format(name=p.name, loc=p.loc, ranks=ranks,
-                                                                   first=where))
+                                                                   first=here))
 
     def broadcast_parameters(self, problems: Sequence[Problem]) -> None:
         """Copy rank 0's parameters and buffers to every rank."""
@@ -336,6 +331,14 @@ def _buckets(vec: Vec) -> list[list[int]]:
     for i, t in enumerate(vec):
         groups.setdefault((t.dtype, t.device), []).append(i)
     return list(groups.values())
+
+
+def _first_differing(p: Problem) -> str | None:
+    """The name of the first parameter of ``p`` that differs from rank 0's (None: all equal)."""
+    named = list(p.module.named_parameters())
+    mine = [t.detach() for _, t in named]
+    theirs = _broadcast_copy(mine)
+    return next((n for (n, _), a, b in zip(named, mine, theirs) if not torch.equal(a, b)), None)
 
 
 def _broadcast_copy(tensors: Vec) -> Vec:
