@@ -11,6 +11,8 @@ method is ``first_order`` passes nothing on, so paths through it are cut here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from compiler.ir import EdgeKind, Graph
 from compiler.plan import HypergradPlan, Visit
 
@@ -33,27 +35,26 @@ def _plan_for(graph: Graph, top: str) -> HypergradPlan:
 def _depends_on(graph: Graph, top: str) -> set[str]:
     """Problems below ``top`` whose optimum moves with θ_top (through non-first-order methods)."""
     below = {n.name for n in graph if top in n.above and n.method != FIRST_ORDER}
-    found = {e.dst for e in graph.edges_of(EdgeKind.U2L) if e.src == top and e.dst in below}
-    frontier = list(found)
-    while frontier:
-        src = frontier.pop()
-        for e in graph.edges_of(EdgeKind.L2U):
-            if e.src == src and e.dst in below and e.dst not in found:
-                found.add(e.dst)
-                frontier.append(e.dst)
-    return found
+    start = {e.dst for e in graph.edges_of(EdgeKind.U2L) if e.src == top and e.dst in below}
+    readers = {n: [e.dst for e in graph.edges_of(EdgeKind.L2U) if e.src == n and e.dst in below] for n in below}
+    return _closure(start, lambda n: readers.get(n, []))
 
 
 def _reaching(graph: Graph, within: set[str], targets: set[str]) -> set[str]:
     """Problems in ``within`` from which a target is reachable by l2u edges inside ``within``."""
-    found = set(targets)
-    frontier = list(targets)
+    read = {n: [e.src for e in graph.edges_of(EdgeKind.L2U) if e.dst == n and e.src in within]
+            for n in graph.names}
+    return _closure(set(targets), lambda n: read[n])
+
+
+def _closure(start: set[str], neighbours: Callable[[str], Iterable[str]]) -> set[str]:
+    """Everything reachable from ``start`` (included) by repeatedly taking ``neighbours``."""
+    found, frontier = set(start), list(start)
     while frontier:
-        dst = frontier.pop()
-        for e in graph.edges_of(EdgeKind.L2U):
-            if e.dst == dst and e.src in within and e.src not in found:
-                found.add(e.src)
-                frontier.append(e.src)
+        for nxt in neighbours(frontier.pop()):
+            if nxt not in found:
+                found.add(nxt)
+                frontier.append(nxt)
     return found
 
 
