@@ -6,7 +6,8 @@ equivalence test can compare parameters exactly in float64:
 
 - Neumann: p = α Σ_{i=0..K} (I − αH)^i v, then −(∂²C/∂x∂θ) p;
 - CG: p ≈ H⁻¹ v from K conjugate-gradient steps started at 0, then −(∂²C/∂x∂θ) p;
-- finite differences: −α (∇_x C(θ+εv) − ∇_x C(θ−εv)) / 2ε with ε = eps/‖v‖;
+- finite differences: −α (∇_x C(θ+εv) − ∇_x C(θ−εv)) / 2ε with ε = eps/‖v‖
+  (θ moved in place, as DARTS' code does);
 - unrolled: replay the lower problem's last update from a snapshot (θ and the
   optimizer state taken before it) with the upper parameters live, then
   reverse mode from the replayed θ.
@@ -67,16 +68,26 @@ def implicit(loss: torch.Tensor, params: Vec, inputs: Vec, v: Vec, solve: Callab
     return [torch.zeros_like(x) if c is None else -1.0 * c for c, x in zip(cross, inputs)]
 
 
-def finite_difference(loss_at: Callable[[Vec], torch.Tensor], params: Vec, inputs: Vec, v: Vec,
+def finite_difference(loss_at: Callable[[Vec | None], torch.Tensor], params: Vec, inputs: Vec, v: Vec,
                       lr: float, eps: float) -> Vec:
-    """−α (∇_x C(θ+εv) − ∇_x C(θ−εv)) / 2ε,  ε = eps/‖v‖."""
+    """−α (∇_x C(θ+εv) − ∇_x C(θ−εv)) / 2ε,  ε = eps/‖v‖.
+
+    As in DARTS' code, θ is moved in place and the loss evaluated with the live
+    module (``loss_at(None)``), then θ is put back.
+    """
     e = eps / torch.sqrt(dot(v, v))   # a tensor: no host sync
+    saved = [p.detach().clone() for p in params]
+    out = []
+    for sign in (e, -e):
+        with torch.no_grad():
+            for p, s, t in zip(params, saved, v):
+                p.copy_(s + sign * t)
+        out.append(grads(loss_at(None), inputs))
     with torch.no_grad():
-        plus = [p + e * t for p, t in zip(params, v)]
-        minus = [p + (-e) * t for p, t in zip(params, v)]
-    g_plus, g_minus = grads(loss_at(plus), inputs), grads(loss_at(minus), inputs)
+        for p, s in zip(params, saved):
+            p.copy_(s)
     coef = -lr / (2 * e)
-    return [coef * (a + (-1.0) * b) for a, b in zip(g_plus, g_minus)]
+    return [coef * (a + (-1.0) * b) for a, b in zip(*out)]
 
 
 # -- differentiable optimizer updates (torch.optim's formulas, out of place) -------------------

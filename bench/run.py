@@ -18,8 +18,8 @@ and ``betty`` (Betty 0.2.1's ImplicitProblem and Engine).
 What is measured, per (program, method, side):
 
 - **time per outer iteration** (one step of the uppermost problem with the
-  lower steps it waits for): after a warm-up, blocks of ``block`` iterations,
-  the sides interleaved (A B C, B C A, …, ``repeats`` rounds), each block timed
+  lower steps it waits for): after a warm-up, blocks of as many iterations as
+  the side does in about 40 ms, the sides interleaved (A B C, B C A, …, ``repeats`` rounds), each block timed
   with the CPU time of the calling thread (``time.thread_time``: torch runs on
   one thread, ``torch.set_num_threads(1)``, so this is the work done and other
   jobs on the machine do not count) and with the wall clock. Reported: the
@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,25 +72,24 @@ LADDER_METHODS = ("fd", "neumann")
 
 
 class Settings(NamedTuple):
-    warmup: int
-    repeats: int
-    block: int
+    warmup: int            # outer iterations per side before timing
+    repeats: int           # rounds of interleaved blocks
+    block_ms: float        # a block is as many iterations as the side does in about this time
     depths: tuple[int, ...]
-    ladder_warmup: int
     ladder_repeats: int
-    ladder_block: int
+    memory_iterations: int
 
 
-FULL = Settings(warmup=10, repeats=15, block=10, depths=(2, 3, 4, 5, 6),
-                ladder_warmup=5, ladder_repeats=11, ladder_block=5)
-QUICK = Settings(warmup=3, repeats=5, block=3, depths=(2, 3, 4),
-                 ladder_warmup=2, ladder_repeats=3, ladder_block=2)
+FULL = Settings(warmup=5, repeats=15, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=9,
+                memory_iterations=20)
+QUICK = Settings(warmup=2, repeats=5, block_ms=15.0, depths=(2, 3, 4), ladder_repeats=3, memory_iterations=5)
 
 
 class Timing(NamedTuple):
     cpu_ms: float        # median CPU ms per outer iteration
     wall_ms: float       # median wall ms per outer iteration
     ratio: float | None  # median over rounds of (this side / hand), CPU time
+    block: int           # iterations per timed block
 
 
 class Row(NamedTuple):
@@ -121,22 +119,25 @@ def time_block(runner, n: int) -> tuple[float, float]:
     return (time.thread_time() - cpu) * 1000 / n, (time.perf_counter() - wall) * 1000 / n
 
 
-def interleaved(runners: dict[str, Any], warmup: int, repeats: int, block: int) -> dict[str, Timing]:
-    """Warm every side up, then time blocks round-robin with a rotating order."""
-    for r in runners.values():
+def interleaved(runners: dict[str, Any], warmup: int, repeats: int, block_ms: float) -> dict[str, Timing]:
+    """Warm every side up, then time blocks round-robin with a rotating order; each side's block
+    is as many iterations as it does in about ``block_ms``."""
+    blocks = {}
+    for s, r in runners.items():
         r.run(warmup)
+        blocks[s] = max(1, round(block_ms / time_block(r, 1)[0]))
     sides = list(runners)
     cpu: dict[str, list[float]] = {s: [] for s in sides}
     wall: dict[str, list[float]] = {s: [] for s in sides}
     for i in range(repeats):
         for s in sides[i % len(sides):] + sides[:i % len(sides)]:
-            c, w = time_block(runners[s], block)
+            c, w = time_block(runners[s], blocks[s])
             cpu[s].append(c)
             wall[s].append(w)
     out = {}
     for s in sides:
         ratio = statistics.median(a / b for a, b in zip(cpu[s], cpu["hand"])) if "hand" in cpu else None
-        out[s] = Timing(statistics.median(cpu[s]), statistics.median(wall[s]), ratio)
+        out[s] = Timing(statistics.median(cpu[s]), statistics.median(wall[s]), ratio, blocks[s])
     return out
 
 
@@ -150,10 +151,8 @@ def measure(program: str, method: str, settings: Settings, memory: bool, depth: 
             sides: Sequence[str] = SIDES) -> list[Row]:
     built = {s: build(program, s, method, depth) for s in sides}
     runners = {s: r for s, r in built.items() if not isinstance(r, str)}
-    if depth is None:
-        timings = interleaved(runners, settings.warmup, settings.repeats, settings.block)
-    else:
-        timings = interleaved(runners, settings.ladder_warmup, settings.ladder_repeats, settings.ladder_block)
+    repeats = settings.repeats if depth is None else settings.ladder_repeats
+    timings = interleaved(runners, settings.warmup, repeats, settings.block_ms)
     rows = []
     for s in sides:
         if s not in runners:
@@ -201,11 +200,10 @@ def probe(program: str, method: str, side: str, depth: int | None, iterations: i
     if side != "hand":
         __import__({"mlodsl": "mlodsl", "betty": "betty.engine"}[side])
     start = rss_kib()
-    Path("/proc/self/clear_refs").write_text("5")   # VmHWM (and ru_maxrss) := VmRSS
+    Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
     runner = module.build(side, method, **({"depth": depth} if depth is not None else {}))
     runner.run(iterations)
-    return {"start_kib": start, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            "import_kib": start - before_import}
+    return {"start_kib": start, "peak_kib": rss_kib("VmHWM"), "import_kib": start - before_import}
 
 
 def run_probe(program: str, method: str, side: str, depth: int | None, iterations: int) -> dict[str, int]:
@@ -221,7 +219,7 @@ _imports: dict[str, list[float]] = {}
 
 def peak_mb(program: str, method: str, side: str, depth: int | None, settings: Settings) -> float:
     """Growth of the resident set while building and training (MiB), in a fresh process."""
-    runs = [run_probe(program, method, side, depth, settings.warmup + 10)]
+    runs = [run_probe(program, method, side, depth, settings.memory_iterations)]
     _imports.setdefault(side, []).extend(r["import_kib"] / 1024 for r in runs)
     return min(r["peak_kib"] - r["start_kib"] for r in runs) / 1024
 
@@ -336,9 +334,9 @@ def section(command: str, env: str, settings: Settings, single: list[Row], lad: 
     parts = [BEGIN, "## Benchmarks (issue 7): mlodsl, a hand-written loop, Betty 0.2.1", "",
              f"Produced by `{command}` in {seconds / 60:.1f} min; {env}. What each column measures is in "
              "the docstring of `bench/run.py`; in short: **CPU ms of the calling thread per outer iteration** "
-             f"(median of {settings.repeats} interleaved blocks of {settings.block} after {settings.warmup} warm-up "
-             "iterations; the machine is shared, so wall time is shown but not compared), **× hand** = median "
-             "of the per-round ratios to the hand-written loop, **peak RSS** = `ru_maxrss` of a fresh process "
+             f"(median of {settings.repeats} interleaved blocks of about {settings.block_ms:.0f} ms each after "
+             f"{settings.warmup} warm-up iterations; the machine is shared, so wall time is shown but not compared), **× hand** = median "
+             "of the per-round ratios to the hand-written loop, **peak RSS** = the high-water mark of a fresh process "
              "(after the imports and the data, which are listed apart) that builds and trains, minus its resident set "
              "before building, **forward / backward / hvp** = problem-module calls, first-order reverse sweeps and "
              "reverse sweeps through a gradient graph in one outer iteration, counted the same way on every side.",
@@ -354,8 +352,8 @@ def section(command: str, env: str, settings: Settings, single: list[Row], lad: 
                   "Levels 0 … d−1 hold two problems each, `top` is level d; each problem reads both optima of "
                   "the level below and `top` constrains level 0, so 4d edges and 2^d paths (`bench/programs/"
                   "ladder.py`; θ ∈ R^8, quadratic losses, so the time is Python and graph work). ms = CPU ms per "
-                  f"outer iteration (median of {settings.ladder_repeats} interleaved blocks of "
-                  f"{settings.ladder_block}); one outer iteration steps all 2d+1 problems.", "",
+                  f"outer iteration (median of {settings.ladder_repeats} interleaved blocks); one outer iteration "
+                  "steps all 2d+1 problems.", "",
                   ladder_table(lad), ""]
     if imports:
         parts += ["### Library import", "", "Resident memory that importing the library adds to a process "
