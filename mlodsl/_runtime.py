@@ -44,6 +44,7 @@ class Runtime:
         # per-rank quantities -> the combined batch's (mlodsl._distributed); one process: as they are
         self.reduce: Callable[[T.Vec, str], T.Vec] = _as_is
         self.compiled = False  # modules under torch.compile (Program(compile=...))
+        self.scaler = LossScaler() if autocast is torch.float16 else None
         self.checks = "step"  # "step": finite check (a host sync) each step | "log": at sync points only
         self._deferred: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (all ok, first bad step)
         self.state = {
@@ -137,6 +138,11 @@ class Runtime:
         batches = [self.to_device(st.batches.next()) for _ in range(p.options.grad_accumulation)]
         grads, loss = self.accumulated_gradient(p, batches)
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.scaler is not None and not self.scaler.update(loss, grad_norm):
+            self.count(f"fp16_overflow/{p.name}")  # skipped: the scale was too large for fp16
+            if step.last:
+                st.end_round()
+            return
         self._check_finite(p, loss, grads, grad_norm, st.count)
         if st.count == 0 and self.hypergrads[p.name].visits and self.checks == "step":
             check_solvers(self, p.name)  # before the update, so that solvers="raise" rolls back cleanly
@@ -212,7 +218,9 @@ class Runtime:
         if not loss.requires_grad:
             return self._no_gradient(p), loss
         diff = p.params + [t for s in seeds for t in s.params]
-        grads = T.fill_none(torch.autograd.grad(loss, diff, allow_unused=True), diff)
+        scale = self.scaler.scale if self.scaler is not None else None
+        seeded = loss if scale is None else loss * scale  # fp16: every method is linear in v
+        grads = T.fill_none(torch.autograd.grad(seeded, diff, allow_unused=True), diff)
         *grads, loss = self.reduce([*grads, loss.detach()], "seed")
         parts = T.split(grads, [len(p.params)] + [len(s.params) for s in seeds])
         direct, adjoints = parts[0], dict(zip(hp.seeds, parts[1:]))
@@ -226,6 +234,8 @@ class Runtime:
             for r, contribution in zip(visit.to_lowers, out):
                 adjoints[r] = T.add(adjoints[r], contribution) if r in adjoints else contribution
         *direct, loss = self.reduce([*direct, loss], "total")
+        if scale is not None:
+            direct = T.scale(direct, 1.0 / scale)
         return direct, loss
 
     def _no_gradient(self, p: Problem) -> T.Vec:
@@ -288,3 +298,26 @@ def load_state_dict(runtime: Runtime, sd: dict[str, Any]) -> None:
         st.load_state_dict(sd["problems"][name])
         if runtime.device is not None:
             st.to_device(runtime.to_device)
+
+
+class LossScaler:
+    """Dynamic loss scaling for ``precision="fp16"`` (what ``torch.amp.GradScaler`` does, applied
+    to the stepping problem's loss, so to its direct gradient and to the adjoint seeds; every
+    method is linear in its adjoint, so the whole total gradient is scaled and unscaled once).
+
+    A step whose scaled gradient overflows (the loss itself finite) is skipped and the scale
+    halved; after ``growth_interval`` good steps in a row it doubles.
+    """
+
+    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
+        self.scale, self.growth_interval, self.good = scale, growth_interval, 0
+
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """False when the step overflowed (a host sync, as in GradScaler)."""
+        if bool(torch.isfinite(grad_norm)) or not bool(torch.isfinite(loss.detach()).all()):
+            self.good += 1
+            if self.good >= self.growth_interval:
+                self.scale, self.good = self.scale * 2.0, 0
+            return True
+        self.scale, self.good = self.scale / 2.0, 0
+        return False

@@ -310,3 +310,41 @@ def test_a_retry_after_a_failure_at_a_new_data_pass_replays_the_loader_seeds():
         program.run(iterations=3, progress=False)
     program.run(iterations=3 - program.iteration, progress=False)
     assert torch.equal(flat(straight), flat(program))
+
+
+def test_fp16_scales_the_loss_and_backs_off_on_overflow():
+    torch.manual_seed(0)
+    m_up, m_low = nn.Linear(3, 1), nn.Linear(3, 1)
+    x = 10 * torch.ones(4, 3)
+
+    @problem(module=m_up, optimizer=torch.optim.SGD(m_up.parameters(), lr=1e-4))
+    def up():
+        return low(x).pow(2).mean()
+
+    @problem(module=m_low, optimizer=torch.optim.SGD(m_low.parameters(), lr=1e-4), upper=[up],
+             hypergrad=Neumann(iterations=1))
+    def low():
+        return (low(x) - up(x)).pow(2).mean() + 10.0
+
+    program = Program([up, low], precision="fp16")
+    scaler = program._runtime.scaler
+    scaler.scale = 2.0 ** 127  # a float32 loss >= 2 times this is inf: every scaled gradient overflows
+    program.run(iterations=3, progress=False)
+    assert program.stats["fp16_overflow/low"] >= 1 and scaler.scale < 2.0 ** 127
+    assert all(torch.isfinite(t).all() for p in program.problems for t in p.module.parameters())
+    from mlodsl._runtime import LossScaler
+    grow = LossScaler(scale=4.0, growth_interval=2)
+    ok = torch.tensor(1.0)
+    assert grow.update(ok, ok) and grow.update(ok, ok) and grow.scale == 8.0
+    assert not grow.update(ok, torch.tensor(float("inf"))) and grow.scale == 4.0
+
+
+def test_fp16_unscales_exactly():
+    """With a power-of-two scale that does not overflow, the update equals the unscaled one."""
+    a = program_under_test(method=CG(iterations=2))
+    a.run(iterations=4, progress=False)
+    b = program_under_test(method=CG(iterations=2))
+    from mlodsl._runtime import LossScaler
+    b._runtime.scaler = LossScaler(scale=2.0 ** 10)
+    b.run(iterations=4, progress=False)
+    assert torch.allclose(flat(a), flat(b), rtol=1e-12, atol=1e-14)
