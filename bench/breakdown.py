@@ -47,6 +47,7 @@ WORK = {  # (function, file fragment) -> bucket
     ("wrapper", "torch/optim/optimizer.py"): "work: optimizer step",
     ("zero_grad", "torch/optim/optimizer.py"): "work: optimizer step",
     ("__iter__", "bench/common.py"): "work: drawing batches",
+    ("update", "mlodsl/_hypergrad/_unroll.py"): "work: differentiable optimizer update",
 }
 
 

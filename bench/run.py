@@ -24,7 +24,9 @@ What is measured, per (program, method, side):
   one thread, ``torch.set_num_threads(1)``, so this is the work done and other
   jobs on the machine do not count) and with the wall clock. Reported: the
   median over blocks; the ratio against the hand-written loop is the median
-  over rounds of (side / hand) in the same round.
+  over rounds of (side / hand) in the same round. A second, independent
+  instance of the hand-written loop ("hand, again") is timed in the same
+  rounds: its ratio to the first shows the noise floor of the machine.
 - **forward / backward / hvp**: counted over one further outer iteration with
   the same instrument on every side (``bench.common.counting``): calls of the
   problems' modules, first-order reverse sweeps, and reverse sweeps through a
@@ -68,6 +70,7 @@ from bench.common import METHODS, SIDES, NotExpressible, counting  # noqa: E402
 from bench.programs import SINGLE_PATH, load  # noqa: E402
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+AA = "hand, again"   # a second hand-written loop timed in the same rounds: its ratio is the noise floor
 LADDER_METHODS = ("fd", "neumann")
 
 
@@ -80,7 +83,7 @@ class Settings(NamedTuple):
     memory_iterations: int
 
 
-FULL = Settings(warmup=5, repeats=15, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=9,
+FULL = Settings(warmup=5, repeats=13, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
                 memory_iterations=20)
 QUICK = Settings(warmup=2, repeats=5, block_ms=15.0, depths=(2, 3, 4), ladder_repeats=3, memory_iterations=5)
 
@@ -151,6 +154,7 @@ def measure(program: str, method: str, settings: Settings, memory: bool, depth: 
             sides: Sequence[str] = SIDES) -> list[Row]:
     built = {s: build(program, s, method, depth) for s in sides}
     runners = {s: r for s, r in built.items() if not isinstance(r, str)}
+    runners[AA] = build(program, "hand", method, depth)
     repeats = settings.repeats if depth is None else settings.ladder_repeats
     timings = interleaved(runners, settings.warmup, repeats, settings.block_ms)
     rows = []
@@ -160,7 +164,7 @@ def measure(program: str, method: str, settings: Settings, memory: bool, depth: 
             continue
         peak = peak_mb(program, method, s, depth, settings) if memory else None
         rows.append(Row(program, method, s, timings[s], count(runners[s]), peak))
-    return rows
+    return rows + [Row(program, method, AA, timings[AA], None, None)]
 
 
 # -- memory: fresh subprocesses ------------------------------------------------------------------
@@ -242,7 +246,8 @@ def single_path_table(rows: list[Row]) -> str:
             continue
         c = r.counts or {}
         ratio = "1" if r.side == "hand" else fmt(r.timing.ratio)
-        lines.append(f"| {r.program} | {r.method} | {r.side} | {fmt(r.timing.cpu_ms, 3)} | {ratio} | "
+        side = f"*{r.side}*" if r.side == AA else r.side
+        lines.append(f"| {r.program} | {r.method} | {side} | {fmt(r.timing.cpu_ms, 3)} | {ratio} | "
                      f"{fmt(r.timing.wall_ms, 3)} | {fmt(r.peak_mb, 1)} | {c.get('forward', '')} | "
                      f"{c.get('backward', '')} | {c.get('hvp', '')} |")
     return "\n".join(lines)
@@ -251,9 +256,9 @@ def single_path_table(rows: list[Row]) -> str:
 def ladder_table(rows: list[Row]) -> str:
     from bench.programs import ladder
 
-    lines = ["| method | depth | edges | paths | hand ms | mlodsl ms | Betty ms | mlodsl × hand | Betty / mlodsl "
+    lines = ["| method | depth | edges | paths | hand ms | mlodsl ms | Betty ms | mlodsl × hand | *A/A* | Betty / mlodsl "
              "| mlodsl ms / edge | Betty ms / path | peak RSS MB (mlodsl / Betty) | fwd · bwd · hvp (mlodsl / Betty) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     key = lambda r: (r.method, int(r.note.split("=")[1]))  # noqa: E731
     groups: dict[tuple[str, int], dict[str, Row]] = {}
     for r in rows:
@@ -263,7 +268,8 @@ def ladder_table(rows: list[Row]) -> str:
         cm, cb = g["mlodsl"].counts, g["betty"].counts
         counts = f"{cm['forward']} · {cm['backward']} · {cm['hvp']} / {cb['forward']} · {cb['backward']} · {cb['hvp']}"
         lines.append(f"| {method} | {depth} | {ladder.edges(depth)} | {ladder.paths(depth)} | {fmt(h.cpu_ms)} | "
-                     f"{fmt(m.cpu_ms)} | {fmt(b.cpu_ms)} | {fmt(m.ratio)} | {fmt(b.cpu_ms / m.cpu_ms, 1)} | "
+                     f"{fmt(m.cpu_ms)} | {fmt(b.cpu_ms)} | {fmt(m.ratio)} | {fmt(g[AA].timing.ratio)} | "
+                     f"{fmt(b.cpu_ms / m.cpu_ms, 1)} | "
                      f"{fmt(m.cpu_ms / ladder.edges(depth), 3)} | {fmt(b.cpu_ms / ladder.paths(depth), 2)} | "
                      f"{fmt(g['mlodsl'].peak_mb, 1)} / {fmt(g['betty'].peak_mb, 1)} | {counts} |")
     return "\n".join(lines)
@@ -272,6 +278,10 @@ def ladder_table(rows: list[Row]) -> str:
 def checks(single: list[Row], lad: list[Row], max_depth: int) -> str:
     """The issue's claims, each evaluated on this run."""
     out = []
+    floor = [r.timing.ratio for r in single + lad if r.side == AA]
+    if floor:
+        out.append((f"noise floor: a second hand-written loop timed alongside the first ran at "
+                    f"{min(floor):.2f}–{max(floor):.2f}× of it (median {statistics.median(floor):.2f}×)", True, ""))
     by = {(r.program, r.method, r.side): r for r in single}
     slow = [f"{p}/{m} {by[(p, m, 'mlodsl')].timing.ratio:.2f}×" for (p, m, s), r in by.items()
             if s == "mlodsl" and r.timing and r.timing.ratio > 1.05]
@@ -300,7 +310,8 @@ def checks(single: list[Row], lad: list[Row], max_depth: int) -> str:
     if mem:
         out.append(("peak memory of mlodsl no higher than Betty's on every program", not higher,
                     "higher on: " + ", ".join(higher) if higher else ""))
-    return "\n".join(f"- {'✓' if ok else '✗'} {text}{' — ' + detail if detail else ''}" for text, ok, detail in out)
+    mark = lambda text, ok: "-" if text.startswith("noise") else "- ✓" if ok else "- ✗"  # noqa: E731
+    return "\n".join(f"{mark(text, ok)} {text}{' — ' + detail if detail else ''}" for text, ok, detail in out)
 
 
 def environment() -> str:
@@ -336,7 +347,8 @@ def section(command: str, env: str, settings: Settings, single: list[Row], lad: 
              "the docstring of `bench/run.py`; in short: **CPU ms of the calling thread per outer iteration** "
              f"(median of {settings.repeats} interleaved blocks of about {settings.block_ms:.0f} ms each after "
              f"{settings.warmup} warm-up iterations; the machine is shared, so wall time is shown but not compared), **× hand** = median "
-             "of the per-round ratios to the hand-written loop, **peak RSS** = the high-water mark of a fresh process "
+             "of the per-round ratios to the hand-written loop (*hand, again* is a second copy of the hand-written loop "
+             "timed alongside: its ratio is the noise floor), **peak RSS** = the high-water mark of a fresh process "
              "(after the imports and the data, which are listed apart) that builds and trains, minus its resident set "
              "before building, **forward / backward / hvp** = problem-module calls, first-order reverse sweeps and "
              "reverse sweeps through a gradient graph in one outer iteration, counted the same way on every side.",
@@ -400,15 +412,17 @@ def main(argv: list[str] | None = None) -> None:
     single: list[Row] = []
     for program in [p for p in args.programs if p != "ladder"]:
         for method in args.methods:
-            single += measure(program, method, settings, memory)
-            _progress(single[-3:])
+            rows = measure(program, method, settings, memory)
+            single += rows
+            _progress(rows)
     lad: list[Row] = []
     if "ladder" in args.programs:
         for method in [m for m in LADDER_METHODS if m in args.methods]:
             for depth in settings.depths:
                 rows = measure("ladder", method, settings, memory and depth == max(settings.depths), depth)
-                lad += [r._replace(note=f"depth={depth}") for r in rows]
-                _progress(lad[-3:])
+                rows = [r._replace(note=f"depth={depth}") for r in rows]
+                lad += rows
+                _progress(rows)
     imports = import_footprint() if memory else None
     text = section(command, env, settings, single, lad, imports, time.perf_counter() - start)
     write(args.out, text)

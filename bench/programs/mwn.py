@@ -125,8 +125,9 @@ def betty_config(method: str, lr: float, **kw):
         return Config(type="neumann", neumann_iterations=NEUMANN_ITERATIONS, neumann_alpha=lr, **kw)
     if method == "cg":
         return Config(type="cg", cg_iterations=CG_ITERATIONS, **kw)
-    raise NotExpressible("Betty 0.2.1 has no iterative differentiation for ImplicitProblem "
-                         "(types darts, sama, neumann, cg); its IterativeProblem fails on this torch")
+    raise NotExpressible("Betty 0.2.1's hypergradient types for ImplicitProblem are darts, sama, neumann "
+                         "and cg; its IterativeProblem (for ITD) fails when the Engine initialises it "
+                         "(KeyError: 'params' in IterativeProblem.initialize_optimizer_state)")
 
 
 class BettyRunner:
