@@ -139,9 +139,10 @@ class Saved:
         p = st.problem
         self.runtime = runtime
         self.counters = (runtime.iteration, runtime.position, dict(runtime.stats), dict(runtime.diagnostics))
-        self.states = {name: dict(vars(s)) for name, s in runtime.state.items()}
-        self.windows = _window_lengths(runtime)
-        self.marks = {name: s.batches.mark() for name, s in runtime.state.items()}
+        self.touched = runtime.touched[p.name]  # the states this step can change, listed once
+        self.states = [(s, dict(vars(s))) for s in self.touched]
+        self.windows = _window_lengths(self.touched)
+        self.marks = [s.batches.mark() for s in self.touched]
         self.buffers = [(b, b.detach().clone()) for b in st.reach_buffers]
         self.grads = [(t, t.grad) for t in p.params]
         self.scheduler = copy.deepcopy(p.scheduler.state_dict()) if p.scheduler is not None else None
@@ -151,10 +152,8 @@ class Saved:
         self.params: dict[str, ParamCopy] = {}
         if early and p.hooks["before_unroll"]:
             self.take_params(p)
-        for low in runtime.plan.graph.lowers(p.name):
-            q = runtime.problems[low]
-            if getattr(getattr(q, "options", None), "roll_back", False):
-                self.take_params(q)
+        for low in runtime.roll_back_lowers[p.name]:
+            self.take_params(low.problem)
 
     def take_params(self, p: Problem) -> None:
         """Copy θ and the optimizer state of ``p``, once per step."""
@@ -184,17 +183,17 @@ class Saved:
         rt.stats.update(stats)
         rt.diagnostics.clear()
         rt.diagnostics.update(diagnostics)
-        for name, s in rt.state.items():
-            vars(s).update(self.states[name])
+        for (s, saved), mark in zip(self.states, self.marks):
+            vars(s).update(saved)
             if data:
-                s.batches.rewind(self.marks[name])
+                s.batches.rewind(mark)
             else:
                 s.batches.commit()
         for window, length in self.windows:
             del window.steps[length:]
 
     def commit(self) -> None:
-        for s in self.runtime.state.values():
+        for s in self.touched:
             s.batches.commit()
 
 
@@ -223,10 +222,10 @@ def _copy(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
 
-def _window_lengths(runtime: Runtime) -> list[tuple[Any, int]]:
+def _window_lengths(states: list[ProblemState]) -> list[tuple[Any, int]]:
     """Each distinct ``Unrolled`` window (the last round, the round in progress) and its length."""
     seen: dict[int, tuple[Any, int]] = {}
-    for s in runtime.state.values():
+    for s in states:
         for w in (getattr(s, "window", None), getattr(s, "pending", None)):
             if w is not None:
                 seen.setdefault(id(w), (w, len(w.steps)))

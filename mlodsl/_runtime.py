@@ -63,6 +63,11 @@ class Runtime:
         self.hypergrads = {hp.problem: hp for hp in plan.hypergrads}
         self.roll_back_lowers = {name: [self.state[low] for low in plan.graph.lowers(name)
                                         if self.problems[low].options.roll_back] for name in self.problems}
+        # what one step of a problem can change: its own state and those of the lower problems its
+        # hypergradient visits (a never-stepped lower draws its batch); a failed step restores them
+        self.touched = {name: [self.state[n] for n in dict.fromkeys(
+            [name, *(v.problem for v in self.hypergrads[name].visits),
+             *(low.problem.name for low in self.roll_back_lowers[name])])] for name in self.problems}
         self.guard = Guard(self)
         from mlodsl._lowering import lower
         self.lowered = lower(plan)  # one period as a torch.fx GraphModule (None: interpreted)
