@@ -36,23 +36,22 @@ def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> t
     r = list(v)
     d = list(r)
     rs = T.dot(r, r)
-    curvature = torch.full_like(rs, float("inf"))  # min over directions of dᵀ(H+λI)d / dᵀd
+    curvatures = []  # dᵀ(H+λI)d of each direction: a negative one means H is not positive definite
     for _ in range(iterations):
         hd = hvp(d)
         ad = T.add(hd, d, damping) if damping else hd
         dad = T.dot(d, ad)
-        dd = T.dot(d, d)
-        # an exact solve leaves r = d = 0; the guards keep 0/0 out without a host sync
-        curvature = torch.where(dd > 0, torch.minimum(curvature, dad / _nonzero(dd)), curvature)
-        step = torch.where(dad != 0, rs / _nonzero(dad), torch.zeros_like(rs))
+        curvatures.append(dad)
+        # an exact solve leaves r = d = 0: dividing by ∞ there gives a zero step, with no host sync
+        step = rs / _zero_to_inf(dad)
         x = T.add(x, d, step)
         r = T.add(r, ad, -step)
         rs_new = T.dot(r, r)
-        d = T.add(r, d, torch.where(rs != 0, rs_new / _nonzero(rs), torch.zeros_like(rs)))
+        d = T.add(r, d, rs_new / _zero_to_inf(rs))
         rs = rs_new
     return x, {"cg_residual_norm": lambda: rs.sqrt(), "cg_relative_residual": lambda: rs.sqrt() / T.norm(v),
-               "cg_min_curvature": lambda: curvature}
+               "cg_min_curvature": lambda: torch.stack(curvatures).min() if curvatures else rs * 0 + 1}
 
 
-def _nonzero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x != 0, x, torch.ones_like(x))
+def _zero_to_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x != 0, x, torch.full_like(x, float("inf")))
