@@ -230,7 +230,8 @@ def _rel(path: str) -> str:
 
 
 def program_of(module: types.ModuleType, target: str) -> Program:
-    """The module's Program; with several, the one named ``program``; with none, its problems'."""
+    """The module's Program; with several, the one named ``program``; with none, its problems';
+    with no problems either, what its zero-argument ``-> Program`` function returns."""
     programs = _unique(v for v in vars(module).values() if isinstance(v, Program))
     if len(programs) == 1:
         return programs[0]
@@ -241,8 +242,22 @@ def program_of(module: types.ModuleType, target: str) -> Program:
         raise LoadError(_many_programs(module, target))
     problems = problems_in(module)
     if not problems:
+        factory = _default_factory(module)
+        if factory is not None:
+            return program_named(module, target, factory)
         raise LoadError(NO_PROBLEMS.format(target=target, fix=_no_problems_fix(module)))
     return Program(problems)
+
+
+def _default_factory(module: types.ModuleType) -> str | None:
+    """A module with no Program nor problems at module level may offer one function that takes
+    no arguments and returns a Program (``def demo() -> Program``); with several, the one named
+    ``program`` or ``demo``. It is called."""
+    factories = [name for name, fn in vars(module).items()
+                 if _returns_program(fn, module) and _takes_no_arguments(fn)]
+    if len(factories) == 1:
+        return factories[0]
+    return next((name for name in ("program", "demo") if name in factories), None)
 
 
 def _no_problems_fix(module: types.ModuleType) -> str:

@@ -209,19 +209,23 @@ def test_pick_one_of_several_programs(capsys):
 
 
 def test_a_function_that_builds_the_program(tmp_path, capsys):
-    path = write(tmp_path, "factory.py", """
+    body = """
         import torch
         from mlodsl import Program, problem
-        def build(lr=0.1) -> Program:
+        def build({args}) -> Program:
             m = torch.nn.Linear(1, 1)
             @problem(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=lr))
             def only():
                 return only(torch.ones(1)).sum()
             return Program([only])
-        """)
-    assert main(["check", path]) == 2
+        """
+    needs = write(tmp_path, "factory.py", body.format(args="lr"))
+    assert main(["check", needs]) == 2
     assert "it builds its Program inside build()" in capsys.readouterr().err
-    assert main(["check", path + ":build"]) == 0
+    no_args = write(tmp_path, "demo.py", body.format(args="lr=0.1"))
+    assert main(["check", no_args]) == 0  # a zero-argument `-> Program` function is called
+    assert "ok: 1 problems" in capsys.readouterr().out
+    assert main(["check", no_args + ":build"]) == 0
     assert "ok: 1 problems" in capsys.readouterr().out
 
 

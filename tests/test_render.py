@@ -25,12 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "tests" / "programs"
 # The files of tests/programs that are broken on purpose (tested in test_cli.py).
 BROKEN = {"unrelated", "import_error", "no_problems", "two_programs"}
+# Files of examples/ that are not programs (shared data preparation).
+EXAMPLE_HELPERS = {"digits.py"}
 
 
 def program_files() -> list[Path]:
     """Every program to draw: tests/programs (but the broken ones) and all of examples/."""
     own = [p for p in sorted(PROGRAMS.glob("*.py")) if p.stem not in BROKEN]
-    examples = [p for p in sorted((ROOT / "examples").glob("*.py")) if not p.name.startswith("_")]
+    examples = [p for p in sorted((ROOT / "examples").glob("*.py"))
+                if not p.name.startswith("_") and p.name not in EXAMPLE_HELPERS]
     return own + examples
 
 
@@ -49,15 +52,10 @@ def _id(path: Path) -> str:
 def drawn(request):
     """(program, parsed SVG of its graph) for each program file.
 
-    An example that builds its Program only inside a function (so the CLI cannot
-    draw it) is skipped, saying so; any other failure to load fails the test.
+    Every example must be drawable: a Program at module level, or a zero-argument
+    ``-> Program`` function such as ``demo()``; a failure to load fails the test.
     """
-    try:
-        program = load(str(request.param))
-    except LoadError as e:
-        if "defines no problems" not in str(e):
-            raise
-        pytest.skip(f"the CLI cannot draw {_id(request.param)}: {e}")
+    program = load(str(request.param))
     return program, svg_of(graph_figure(program.graph))
 
 
