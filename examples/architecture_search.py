@@ -148,7 +148,7 @@ def random_genotype(g: torch.Generator) -> Genotype:
 
 class Config(NamedTuple):
     search_iterations: int = 300
-    train_iterations: int = 1000
+    train_iterations: int = 600
     random_candidates: int = 4
     batch_size: int = 64
 
