@@ -348,3 +348,35 @@ def test_fp16_unscales_exactly():
     b._runtime.scaler = LossScaler(scale=2.0 ** 10)
     b.run(iterations=4, progress=False)
     assert torch.allclose(flat(a), flat(b), rtol=1e-12, atol=1e-14)
+
+
+def test_wandb_logger_initialises_once_logs_each_step_and_finishes(monkeypatch):
+    """W&B is optional: a stand-in module records what the logger asks of it."""
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, metrics, step):
+            calls.append(("log", step, sorted(metrics)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    program = program_under_test(method="fd")
+    program.run(iterations=4, progress=False, log_every=2, loggers=[loggers.WandB(project="mlodsl-test")])
+    assert calls[0] == ("init", {"project": "mlodsl-test"})
+    assert [c[1] for c in calls if c[0] == "log"] == [2, 4]
+    assert "inner/loss" in calls[1][2] and calls[-1] == ("finish",)
+
+
+def test_wandb_without_the_package_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    from mlodsl import UsageError
+    with pytest.raises(UsageError, match="pip install wandb"):
+        loggers.WandB()
