@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlodsl import Program, problem
-from mlodsl.hypergrad import Neumann
+from mlodsl.hypergrad import CG
 
 
 def digits(noise: float, seed: int = 0):
@@ -54,7 +54,7 @@ def build(train, meta, seed: int = 0) -> Program:
         return F.cross_entropy(classifier(x), y)          # reads the classifier's optimum
 
     @problem(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
-             data=train_loader, upper=[reweight], hypergrad=Neumann(iterations=3))
+             data=train_loader, upper=[reweight], hypergrad=CG(iterations=3))
     def classifier(batch):
         x, y = batch
         losses = F.cross_entropy(classifier(x), y, reduction="none")

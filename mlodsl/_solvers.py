@@ -44,10 +44,11 @@ def _problems(runtime: Runtime, name: str, q) -> list[str]:
         found.append(errors.NEUMANN_DIVERGES.format(
             name=name, loc=q.loc, growth=float(growth), alpha=_alpha(q), half=_alpha(q) / 2))
     curvature = diag.get(f"{name}/cg_min_curvature")
-    if curvature is not None and float(curvature) <= 0.0:
+    indefinite = curvature is not None and float(curvature) <= 0.0
+    if indefinite:
         found.append(errors.CG_INDEFINITE.format(name=name, loc=q.loc, curvature=float(curvature)))
     residual = diag.get(f"{name}/cg_relative_residual")
-    if residual is not None and not float(residual) <= CG_TOLERANCE:
+    if residual is not None and not indefinite and not float(residual) <= CG_TOLERANCE:  # one cause, one warning
         found.append(errors.CG_UNCONVERGED.format(
             name=name, loc=q.loc, residual=float(residual), iterations=getattr(q.hypergrad, "iterations", "?")))
     return found
