@@ -8,7 +8,7 @@ weights α (6 × 7, initialised to zero) are the upper problem; the supernet's
 weights w are the lower problem:
 
     architecture (L2)  min_α  CE_val(w*(α), α)          Adam(3e-3, betas (0.5, 0.999)), data: val half
-    classifier   (L1)  w*(α) = argmin_w CE_train(w, α)  SGD(0.05, momentum 0.9, cosine), data: train half
+    classifier   (L1)  w*(α) = argmin_w CE_train(w, α)  SGD(0.05, momentum 0.9, cosine, clip 5), data: train half
 
 ``first_order`` is DARTS' first-order approximation (the architecture sees only
 its direct gradient); ``fd`` is DARTS' second-order finite-difference
@@ -47,6 +47,7 @@ C = 8                                              # channels
 NODES = 3                                          # intermediate nodes of the cell
 EDGES = [(i, j) for j in range(1, NODES + 1) for i in range(j)]   # state i -> node j; state 0 is the stem
 OPS = ("none", "skip", "conv3x3", "conv5x5", "dil_conv3x3", "avg_pool3x3", "max_pool3x3")
+CLIP = 5.0                                         # gradient-norm clipping of the weights, as in DARTS
 METHODS = ("first_order-1", "first_order-3", "fd-1", "fd-3", "random")
 Genotype = tuple[tuple[int, str], ...]             # per kept edge: (edge index, op)
 
@@ -188,7 +189,7 @@ def build(d: Data, hypergrad: str, steps: int, seed: int, cfg: Config) -> Progra
         return F.cross_entropy(classifier(x, architecture()), y)    # reads w*(α) and α
 
     @problem(module=net, optimizer=opt, scheduler=sched, data=digits.loader(d.train, cfg.batch_size, seed),
-             upper=[architecture], hypergrad=hypergrad, steps=steps)
+             upper=[architecture], hypergrad=hypergrad, steps=steps, clip_grad_norm=CLIP)
     def classifier(batch):
         x, y = batch
         return F.cross_entropy(classifier(x, architecture()), y)    # reads α: upper-to-lower
@@ -207,7 +208,8 @@ def train_derived(genotype: Genotype, train: digits.Data, seed: int, iterations:
     net = Derived(genotype)
     opt, sched = sgd(net, iterations)
 
-    @problem(module=net, optimizer=opt, scheduler=sched, data=digits.loader(train, batch_size, seed))
+    @problem(module=net, optimizer=opt, scheduler=sched, data=digits.loader(train, batch_size, seed),
+             clip_grad_norm=CLIP)
     def final(batch):
         x, y = batch
         return F.cross_entropy(final(x), y)
