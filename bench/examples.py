@@ -59,7 +59,10 @@ high-water mark is reset first (`/proc/self/clear_refs`), then
 run (`tracemalloc` cannot see PyTorch's tensors); **time** is
 `time.perf_counter` wall time of one training run, averaged over seeds (and
 settings). One intra-op thread, CPU only, on a shared 2-core machine:
-times are noisy (±30%) and only comparable within a table.
+times are noisy (±30%) and only comparable within a table. The whole set is
+`python bench/examples.py --snapshot` (37 min here); `--snapshot` imports
+mlodsl from its committed files (`git archive HEAD`), so that edits made in
+the working tree during a long run cannot change the numbers.
 """
 
 
