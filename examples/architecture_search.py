@@ -266,8 +266,7 @@ def table(results: Sequence[Result], methods: Sequence[str]) -> str:
     for m in methods:
         mine = [r for r in results if r.method == m]
         rows.append([m, digits.mean_std([r.accuracy for r in mine]), f"{statistics.fmean(r.params for r in mine):.0f}",
-                     f"{statistics.fmean(r.search_peak_mib for r in mine):.1f}",
-                     f"{statistics.fmean(r.search_seconds for r in mine):.1f}"])
+                     *digits.cost_cells([r.search_peak_mib for r in mine], [r.search_seconds for r in mine])])
     return digits.markdown(header, rows)
 
 

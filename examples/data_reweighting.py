@@ -28,7 +28,6 @@ class-aware variant whose weight net also sees the label (11-100-1), and
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,8 +200,7 @@ def table(results: Sequence[Result], settings: Sequence[str], methods: Sequence[
     for m in methods:
         mine = [r for r in results if r.method == m]
         cells = [digits.mean_std([r.accuracy for r in mine if r.setting == s]) for s in settings]
-        rows.append([m, *cells, f"{statistics.fmean(r.peak_mib for r in mine):.1f}",
-                     f"{statistics.fmean(r.seconds for r in mine):.1f}"])
+        rows.append([m, *cells, *digits.cost_cells([r.peak_mib for r in mine], [r.seconds for r in mine])])
     return digits.markdown(header, rows)
 
 

@@ -247,6 +247,11 @@ def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> 
     return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def cost_cells(peaks: Sequence[float], seconds: Sequence[float]) -> list[str]:
+    """The two cost columns every results table ends with: mean peak MiB and mean seconds."""
+    return [f"{statistics.fmean(peaks):.1f}", f"{statistics.fmean(seconds):.1f}"]
+
+
 def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -200,8 +200,7 @@ def table(results: Sequence[Result], methods: Sequence[str]) -> str:
         weights = "–" if m in levels else \
             f"{statistics.fmean(r.weight_rot90 for r in mine):.3f} / {statistics.fmean(r.weight_other for r in mine):.3f}"
         rows.append([m, levels.get(m, 3), digits.mean_std([r.accuracy for r in mine]), weights,
-                     f"{statistics.fmean(r.peak_mib for r in mine):.1f}",
-                     f"{statistics.fmean(r.seconds for r in mine):.1f}"])
+                     *digits.cost_cells([r.peak_mib for r in mine], [r.seconds for r in mine])])
     return digits.markdown(header, rows)
 
 

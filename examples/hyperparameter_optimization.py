@@ -178,8 +178,7 @@ def table(results: Sequence[Result], methods: Sequence[str]) -> str:
         rows.append([m, digits.mean_std([r.accuracy for r in mine]),
                      digits.mean_std([r.val_loss for r in mine], scale=1.0, digits=3),
                      f"{statistics.geometric_mean(r.decay for r in mine):.2g}" if all(r.decay > 0 for r in mine) else "0",
-                     f"{statistics.fmean(r.peak_mib for r in mine):.1f}",
-                     f"{statistics.fmean(r.seconds for r in mine):.1f}"])
+                     *digits.cost_cells([r.peak_mib for r in mine], [r.seconds for r in mine])])
     return digits.markdown(header, rows)
 
 

@@ -26,7 +26,6 @@ initialisation (no meta-learning).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -253,8 +252,7 @@ def table(results: Sequence[Result], methods: Sequence[str], settings: Sequence[
     for m in methods:
         mine = [r for r in results if r.method == m]
         rows.append([m, *[digits.mean_std([r.accuracy for r in mine if (r.split, r.shots) == s]) for s in settings],
-                     f"{statistics.fmean(r.peak_mib for r in mine):.1f}",
-                     f"{statistics.fmean(r.seconds for r in mine):.1f}"])
+                     *digits.cost_cells([r.peak_mib for r in mine], [r.seconds for r in mine])])
     return digits.markdown(header, rows)
 
 
