@@ -158,7 +158,7 @@ class Program:
     @property
     def diagnostics(self) -> dict[str, Any]:
         """The latest solver diagnostics (CG residual, Neumann term norm, FD epsilon) per problem."""
-        return {k: _value(v) for k, v in self._runtime.diagnostics.items()}
+        return self._runtime.read_diagnostics()
 
     def losses(self) -> dict[str, float]:
         """The loss of each problem at its latest step (a device sync)."""
@@ -172,7 +172,7 @@ class Program:
                 out[f"{name}/loss"] = float(st.last_loss)
                 out[f"{name}/grad_norm"] = float(st.grad_norm) if st.grad_norm is not None else float("nan")
             out[f"{name}/lr"] = st.problem.lr
-        out.update({k: float(_value(v)) for k, v in sorted(self._runtime.diagnostics.items())})
+        out.update({k: float(v) for k, v in sorted(self._runtime.read_diagnostics().items())})
         return out
 
     def gradient(self, problem: Problem | str, batch: Any = None) -> list[torch.Tensor]:
@@ -216,11 +216,6 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program({[p.name for p in self.problems]})"
-
-
-def _value(diagnostic: Any) -> Any:
-    """Diagnostics may be recorded as thunks, computed only when read."""
-    return diagnostic() if callable(diagnostic) else diagnostic
 
 
 def _plain(progress: bool | None, *options: object) -> bool:

@@ -72,6 +72,11 @@ class Runtime:
         from mlodsl._lowering import lower
         self.lowered = lower(plan)  # one period as a torch.fx GraphModule (None: interpreted)
 
+    def read_diagnostics(self, prefix: str = "") -> dict[str, Any]:
+        """The solver diagnostics whose keys start with ``prefix``, computed now (methods record
+        them as tensors or as thunks, so that nothing is computed or read in the hot loop)."""
+        return {k: (v() if callable(v) else v) for k, v in self.diagnostics.items() if k.startswith(prefix)}
+
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] += n
 

@@ -37,7 +37,7 @@ def check_solvers(runtime: Runtime, upper: str) -> None:
 
 
 def _problems(runtime: Runtime, name: str, q) -> list[str]:
-    diag = {k: (v() if callable(v) else v) for k, v in runtime.diagnostics.items() if k.startswith(f"{name}/")}
+    diag = runtime.read_diagnostics(f"{name}/")
     found = []
     growth = diag.get(f"{name}/neumann_growth")
     if growth is not None and float(growth) > 1.0:
