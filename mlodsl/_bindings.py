@@ -3,8 +3,8 @@
 Inside a loss, ``classifier(x)`` calls ``classifier.module``. The runtime
 decides, per evaluation, with which parameters: the live ones (when they are
 being differentiated), an override (θ ± εv in finite differences, θ_t in an
-unrolled replay) or detached copies (everything else, so that autograd builds
-no graph for parameters nobody differentiates). The modules are
+unrolled replay) or frozen ones (everything else: ``requires_grad`` is off for
+the evaluation, so autograd builds no graph for parameters nobody differentiates). The modules are
 re-parametrized for the whole evaluation, so a loss that reads
 ``classifier.module.weight`` directly (an L2 term) sees the same tensors as
 ``classifier(x)``. Outside a program, a problem call is a plain module call.
@@ -158,10 +158,6 @@ def _buffered(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         found = [(prefix, m) for prefix, m in module.named_modules() if next(m.buffers(recurse=False), None) is not None]
         entry = _BUFFERED[id(module)] = (module, found)
     return entry[1]
-
-
-def detached(problem: Problem) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in zip(problem.param_names, problem.params)}
 
 
 def as_dict(problem: Problem, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
