@@ -26,9 +26,9 @@ does not change the random numbers training draws.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -38,6 +38,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 if TYPE_CHECKING:
     from mlodsl._problem import Problem
 
+T = TypeVar("T")
 LIVE = None  # marker: call the module with its own parameters
 
 
@@ -55,16 +56,16 @@ FROZEN = _Frozen()
 class Bindings:
     """Parameters to call each reachable problem with, for one loss evaluation."""
 
+    __slots__ = ("owner", "table")
+
     def __init__(self, owner: Problem, table: Mapping[Problem, Mapping[str, torch.Tensor] | None]) -> None:
         self.owner = owner
         self.table = table
-        self.called: set[Problem] = set()
 
     def call(self, problem: Problem, args: tuple, kwargs: dict) -> Any:
         if problem not in self.table:
             raise errors.ProblemError(errors.ESCAPED_REFERENCE.format(
                 name=self.owner.name, loc=self.owner.loc, other=problem.name))
-        self.called.add(problem)
         return problem.module(*args, **kwargs)
 
 
@@ -76,27 +77,33 @@ def current() -> Bindings | None:
     return _current.get()
 
 
-@contextmanager
-def stepping(problem: Problem) -> Iterator[None]:
-    """While ``problem`` steps, evaluations of its own loss update buffers; others use copies."""
-    token = _stepping.set(problem)
-    try:
-        yield
-    finally:
-        _stepping.reset(token)
+def set_stepping(problem: Problem) -> contextvars.Token:
+    """While ``problem`` steps, evaluations of its own loss update buffers; others use copies.
+    (The guard calls this and :func:`reset_stepping` around each step.)"""
+    return _stepping.set(problem)
 
 
-@contextmanager
-def bound(bindings: Bindings) -> Iterator[Bindings]:
-    """Evaluate a loss under ``bindings``: modules hold the bound tensors until the block ends."""
+def reset_stepping(token: contextvars.Token) -> None:
+    _stepping.reset(token)
+
+
+def evaluate(bindings: Bindings, fn: Callable[[], T]) -> T:
+    """``fn()`` under ``bindings``: modules hold the bound tensors until it returns.
+
+    A plain function rather than a context manager: it runs for every loss evaluation.
+    """
     token = _current.set(bindings)
     keep_buffers = bindings.owner is not _stepping.get()
-    frozen = [t for problem, params in bindings.table.items() if params is FROZEN for t in problem.params]
+    frozen = []
     swaps = []
     for problem, params in bindings.table.items():
-        tensors = {} if params is LIVE or params is FROZEN else dict(params)
+        if params is FROZEN:
+            frozen.extend(problem.params)
+            tensors = None
+        else:
+            tensors = None if params is LIVE else dict(params)
         if keep_buffers and _buffered(problem.module):
-            tensors.update(buffer_copies(problem.module))
+            tensors = {**(tensors or {}), **buffer_copies(problem.module)}
         if tensors:
             swaps.append((problem.module, tensors))
     rng = _RngFork(bindings.table) if keep_buffers else None
@@ -104,12 +111,11 @@ def bound(bindings: Bindings) -> Iterator[Bindings]:
         for t in frozen:
             t.requires_grad_(False)
         if not swaps:  # the common case: no module to re-parametrize
-            yield bindings
-        else:
-            with ExitStack() as stack:
-                for module, tensors in swaps:
-                    stack.enter_context(_reparametrize_module(module, tensors))
-                yield bindings
+            return fn()
+        with ExitStack() as stack:
+            for module, tensors in swaps:
+                stack.enter_context(_reparametrize_module(module, tensors))
+            return fn()
     finally:
         if rng is not None:
             rng.restore()

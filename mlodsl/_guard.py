@@ -1,6 +1,6 @@
 """Transactions around a step: a failing step leaves everything as it was before it.
 
-What one step of a problem P may change, and how :meth:`Guard.transaction`
+What one step of a problem P may change, and how :meth:`Guard.run`
 puts it back when the step fails:
 
 - θ_P and P's optimizer state (with the param-group settings a scheduler
@@ -44,8 +44,7 @@ import os
 import sysconfig
 import traceback
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,18 +68,24 @@ class Guard:
         self.runtime = runtime
         self.nan_policy = nan_policy  # "raise" | "skip" (see the module docstring)
         self._devices_checked: set[str] = set()
+        self._may_fail: dict[str, bool] = {}
 
-    @contextmanager
-    def transaction(self, st: ProblemState, step: Step | None = None) -> Iterator[None]:
-        """Run one step of ``st.problem``; on failure restore what it changed (module docstring)."""
-        self.check_devices(st)
+    def run(self, st: ProblemState, step: Step | None, body: Callable[[], None]) -> None:
+        """Run ``body`` (one step of ``st.problem``); on failure restore what it changed (module
+        docstring). Plain try/except rather than context managers: this wraps every step."""
+        p = st.problem
+        if p.name not in self._devices_checked:
+            self.check_devices(st)
         saved = Saved(self.runtime, st, early=step is None or step.first)
         handle = None
-        if _may_fail_after_update(st.problem):
-            handle = st.problem.optimizer.register_step_pre_hook(lambda *_: saved.take_params(st.problem))
+        fails = self._may_fail.get(p.name)
+        if fails is None:
+            fails = self._may_fail[p.name] = _may_fail_in_update(p)
+        if fails or p.hooks["after_step"] or p.hooks["after_unroll"]:
+            handle = p.optimizer.register_step_pre_hook(lambda *_: saved.take_params(p))
+        token = _bindings.set_stepping(p)
         try:
-            with _bindings.stepping(st.problem):
-                yield
+            body()
         except BaseException as e:
             skip = isinstance(e, errors.NonFiniteError) and self.nan_policy == "skip"
             saved.restore(data=not skip)
@@ -89,11 +94,12 @@ class Guard:
                 return
             if isinstance(e, Exception) and not isinstance(e, errors.MlodslError):
                 raise errors.ProblemError(errors.STEP_FAILED.format(
-                    name=st.problem.name, loc=st.problem.loc, error=_error(e), where=where(e))) from e
+                    name=p.name, loc=p.loc, error=_error(e), where=where(e))) from e
             raise
         else:
             saved.commit()
         finally:
+            _bindings.reset_stepping(token)
             if handle is not None:
                 handle.remove()
 
@@ -123,13 +129,13 @@ class Guard:
 _BUILTIN = ("torch.optim.",)
 
 
-def _may_fail_after_update(p: Problem) -> bool:
-    """Whether anything can fail once ``optimizer.step()`` has begun: an ``after_step`` or
-    ``after_unroll`` hook, a scheduler, or an optimizer that is not one of torch's. Only then is
-    θ copied before the update (torch's optimizers do not fail on a finite gradient), which keeps
-    the common step free of a copy of the parameters and optimizer state."""
-    return bool(p.hooks["after_step"] or p.hooks["after_unroll"] or p.scheduler is not None
-                or not type(p.optimizer).__module__.startswith(_BUILTIN))
+def _may_fail_in_update(p: Problem) -> bool:
+    """Whether ``optimizer.step()`` or what follows it can fail whatever the hooks: a scheduler,
+    or an optimizer that is not one of torch's (fixed when the problem is made, so the guard
+    caches it). With an ``after_step`` / ``after_unroll`` hook too, θ is copied before the
+    update; otherwise the common step makes no copy of the parameters and optimizer state
+    (torch's optimizers do not fail on a finite gradient)."""
+    return p.scheduler is not None or not type(p.optimizer).__module__.startswith(_BUILTIN)
 
 
 class Saved:

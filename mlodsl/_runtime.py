@@ -11,7 +11,8 @@ failing step leaves parameters, optimizer state and counters as they were.
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from torch.utils._pytree import tree_map_only
 from compiler import EdgeKind, Plan, Step, errors
 from mlodsl import _compile
 from mlodsl import _tree as T
-from mlodsl._bindings import FROZEN, LIVE, Bindings, bound
+from mlodsl._bindings import FROZEN, LIVE, Bindings, evaluate
 from mlodsl._guard import Guard, explain_loss_failure
 from mlodsl._hypergrad import Unrolled
 from mlodsl._lower import LowerView
@@ -125,17 +126,16 @@ class Runtime:
 
     def step(self, step: Step) -> None:
         st = self.state[step.problem]
+        body = lambda: self._step(step, st)  # noqa: E731
         try:
-            with self.guard.transaction(st, step):
-                self._step(step, st)
+            self.guard.run(st, step, body)
         except errors.MlodslError as e:
             if not (self.compiled and _compile.is_compile_error(e)):
                 raise
             _compile.undo(self.problems.values())   # rolled back: retry eagerly, once
             self.compiled = False
             _compile.warn_fallback(e)
-            with self.guard.transaction(st, step):
-                self._step(step, st)
+            self.guard.run(st, step, body)
 
     def _step(self, step: Step, st: ProblemState) -> None:
         p = st.problem
@@ -191,25 +191,26 @@ class Runtime:
     def evaluate(self, p: Problem, batch: Any, live: Iterable[Problem] = (),
                  override: Mapping[Problem, Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
         """C_P on ``batch``: ``live`` problems use their own parameters, ``override`` given ones."""
-        live, override = set(live), override or {}
-        table = {}
-        for r in self.state[p.name].reach:
-            table[r] = override[r] if r in override else (LIVE if r in live else FROZEN)
+        override = override or {}
+        table = {r: override[r] if r in override else (LIVE if r in live else FROZEN)
+                 for r in self.state[p.name].reach}
+        fn = p.fn if p.data is None else functools.partial(p.fn, batch)
+        if self.autocast is not None:
+            fn = functools.partial(self._autocast_call, fn)
         try:
-            with bound(Bindings(p, table)), self._autocast():
-                out = p.fn() if p.data is None else p.fn(batch)
+            out = evaluate(Bindings(p, table), fn)
         except errors.MlodslError:
             raise
         except Exception as e:
             raise explain_loss_failure(p, batch, e, self.state[p.name].reach) from e
-        _check_loss(p, out)
+        if type(out) is not torch.Tensor or out.numel() != 1:
+            _check_loss(p, out)
         return out
 
-    def _autocast(self):
-        if self.autocast is None:
-            return contextlib.nullcontext()
+    def _autocast_call(self, fn: Callable[[], Any]) -> Any:
         device_type = self.device.type if self.device is not None else "cpu"
-        return torch.autocast(device_type=device_type, dtype=self.autocast)
+        with torch.autocast(device_type=device_type, dtype=self.autocast):
+            return fn()
 
     def accumulated_gradient(self, p: Problem, batches: list[Any]) -> tuple[T.Vec, torch.Tensor]:
         """The total gradient averaged over ``batches`` (``grad_accumulation``), and the mean loss."""
@@ -271,7 +272,7 @@ class Runtime:
             first = torch.where(all_ok & ~ok, torch.full_like(first, step), first)
             self._deferred[p.name] = (all_ok & ok, first)
             return
-        if bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()).all()):
+        if math.isfinite((grad_norm + loss.detach()).item()):  # finite iff both are: one op, one read
             return
         flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads])
         if bool(flags.all()):
