@@ -104,7 +104,13 @@ class LowerView:
             updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]
             theta = [u[0] for u in updated]
             states = [u[1] for u in updated]
-        with torch.no_grad():
-            gap = torch.stack([(a - b).abs().max() for a, b in zip(theta, self.params)]).max()
-        self.record("unroll_replay_error", gap)  # a tensor: read only when logged
+        # how far the replay lands from Q's θ: a thunk, computed only when the diagnostic is read
+        # (first step, log iterations: Q has not stepped since, as lowers step before their uppers)
+        replayed, params = [t.detach() for t in theta], self.params
+        self.record("unroll_replay_error", lambda: _max_gap(replayed, params))
         return T.split(self.runtime.reduce(vjp(theta, self.flat_inputs, v, retain=False), "product"), self.sizes)
+
+
+def _max_gap(a: T.Vec, b: T.Vec) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([(x - y).abs().max() for x, y in zip(a, b)]).max()

@@ -143,40 +143,50 @@ class Runtime:
             self.count(f"warmup/{p.name}")
             return
         if step.first:
-            p.run_hooks("before_unroll")
+            if p.hooks["before_unroll"]:
+                p.run_hooks("before_unroll")
             st.begin_round()
-        batches = [self.to_device(st.batches.next()) for _ in range(p.options.grad_accumulation)]
-        grads, loss = self.accumulated_gradient(p, batches)
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if self.scaler is not None and not self.scaler.update(loss, grad_norm):
+        st.keep_gradient(None)  # the previous step's gradient is not kept through this one
+        if p.options.grad_accumulation == 1:
+            batches = [self.to_device(st.batches.next())]
+            grads, loss = self.total_gradient(p, batches[0])
+        else:
+            batches = [self.to_device(st.batches.next()) for _ in range(p.options.grad_accumulation)]
+            grads, loss = self.accumulated_gradient(p, batches)
+        if self.scaler is not None and not self.scaler.update(loss, grads):
             self.count(f"fp16_overflow/{p.name}")  # skipped: the scale was too large for fp16
             if step.last:
                 st.end_round()
             return
-        self._check_finite(p, loss, grads, grad_norm, st.count)
-        if st.count == 0 and self.hypergrads[p.name].visits and self.checks == "step":
+        self._check_finite(p, loss, grads, st.count)
+        if st.count == 0 and self.checks == "step" and self.hypergrads[p.name].visits:
             check_solvers(self, p.name)  # before the update, so that solvers="raise" rolls back cleanly
-        st.record_update(batches)
-        self._apply(st, grads, grad_norm)
+        if st.records_unroll:
+            st.record_update(batches)
+        self._apply(st, grads)
         st.last_batch, st.has_batch = batches[-1], True
         st.last_loss = loss.detach()
         st.count += 1
-        self.count(f"steps/{p.name}")
-        p.run_hooks("after_step")
+        self.stats[st.steps_key] += 1
+        if p.hooks["after_step"]:
+            p.run_hooks("after_step")
         if step.last:
             st.end_round()
-            p.run_hooks("after_unroll")
+            if p.hooks["after_unroll"]:
+                p.run_hooks("after_unroll")
         for low in self.roll_back_lowers[p.name]:
             low.roll_back()
 
-    def _apply(self, st: ProblemState, grads: T.Vec, grad_norm: torch.Tensor) -> None:
-        """Clip, step the optimizer and the scheduler; keep the gradient norm (no sync)."""
+    def _apply(self, st: ProblemState, grads: T.Vec) -> None:
+        """Clip, step the optimizer and the scheduler; keep the gradient for its norm (no sync)."""
         p = st.problem
         for t, g in zip(p.params, grads):
-            t.grad = g.detach()
+            t.grad = g.detach() if g.requires_grad else g
         if p.options.clip_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(p.params, p.options.clip_grad_norm, grad_norm)
-        st.grad_norm = grad_norm
+            st.grad_norm = T.norm(grads)  # before clipping, as torch's clip_grad_norm_ reports it
+            torch.nn.utils.clip_grads_with_norm_(p.params, p.options.clip_grad_norm, st.grad_norm)
+        else:
+            st.keep_gradient(grads)
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         if p.scheduler is not None:
@@ -231,19 +241,28 @@ class Runtime:
         diff = p.params + [t for s in seeds for t in s.params]
         scale = self.scaler.scale if self.scaler is not None else None
         seeded = loss if scale is None else loss * scale  # fp16: every method is linear in v
-        grads = T.fill_none(torch.autograd.grad(seeded, diff, allow_unused=True), diff)
-        *grads, loss = self.reduce([*grads, loss.detach()], "seed")
-        parts = T.split(grads, [len(p.params)] + [len(s.params) for s in seeds])
-        direct, adjoints = parts[0], dict(zip(hp.seeds, parts[1:]))
+        raw = torch.autograd.grad(seeded, diff, allow_unused=True)
+        n = len(p.params)
+        # no direct path (the loss reads θ_P only through lowers, as in MWN): the first method's
+        # result is the gradient, rather than zeros plus it
+        no_direct = self.reduce is _as_is and bool(hp.visits) and all(g is None for g in raw[:n])
+        if no_direct:
+            direct, rest, loss = None, T.fill_none(raw[n:], diff[n:]), loss.detach()
+        else:
+            *grads, loss = self.reduce([*T.fill_none(raw, diff), loss.detach()], "seed")
+            direct, rest = grads[:n], grads[n:]
+        adjoints = dict(zip(hp.seeds, T.split(rest, [len(s.params) for s in seeds])))
         for visit in hp.visits:
             q = self.problems[visit.problem]
             inputs = ([p] if visit.to_upper else []) + [self.problems[r] for r in visit.to_lowers]
-            self.count(f"method_calls/{q.name}")
+            self.stats[self.state[q.name].calls_key] += 1
             out = q.hypergrad(LowerView(self, q, inputs), adjoints.pop(visit.problem))
             if visit.to_upper:
-                direct, out = T.add(direct, out[0]), out[1:]
+                direct, out = (out[0] if direct is None else T.add(direct, out[0])), out[1:]
             for r, contribution in zip(visit.to_lowers, out):
                 adjoints[r] = T.add(adjoints[r], contribution) if r in adjoints else contribution
+        if direct is None:  # no visit led back to P
+            direct = T.zeros_like(p.params)
         *direct, loss = self.reduce([*direct, loss], "total")
         if scale is not None:
             direct = T.scale(direct, 1.0 / scale)
@@ -259,28 +278,26 @@ class Runtime:
                           stacklevel=4)
         return T.zeros_like(p.params)
 
-    def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, grad_norm: torch.Tensor,
-                      step: int) -> None:
-        """One host sync: the norm of the gradient is finite only if every entry is.
+    def _check_finite(self, p: Problem, loss: torch.Tensor, grads: T.Vec, step: int) -> None:
+        """One host sync: a fused check over every gradient entry, and the loss's value.
 
         With ``checks="log"`` nothing is read here: the verdict accumulates on the device
         and :meth:`finish_run` reads it at the next sync point.
         """
+        loss = loss.detach()
         if self.checks == "log":
-            ok = torch.isfinite(grad_norm) & torch.isfinite(loss.detach()).all()
-            all_ok, first = self._deferred.get(p.name, (torch.ones_like(ok), torch.full_like(grad_norm, -1)))
+            ok = (T.nonfinite_flag(grads)[0] == 0) & torch.isfinite(loss).all()
+            all_ok, first = self._deferred.get(p.name, (torch.ones_like(ok), torch.full_like(loss, -1)))
             first = torch.where(all_ok & ~ok, torch.full_like(first, step), first)
             self._deferred[p.name] = (all_ok & ok, first)
             return
-        if math.isfinite((grad_norm + loss.detach()).item()):  # finite iff both are: one op, one read
-            return
-        flags = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads])
-        if bool(flags.all()):
-            return  # finite entries whose norm overflowed
-        if not bool(flags[0]):
+        found, value = torch.cat([T.nonfinite_flag(grads), loss.reshape(1)]).tolist()  # the one read
+        if not math.isfinite(value):
             raise errors.NonFiniteError(errors.LOSS_NOT_FINITE.format(
-                name=p.name, loc=p.loc, value=float(loss.detach()), step=step))
-        bad = [n for n, ok in zip(p.param_names, flags[1:].tolist()) if not ok]
+                name=p.name, loc=p.loc, value=value, step=step))
+        if not found:
+            return
+        bad = [n for n, g in zip(p.param_names, grads) if not bool(torch.isfinite(g).all())]
         raise errors.NonFiniteError(errors.GRAD_NOT_FINITE.format(
             name=p.name, loc=p.loc, where=", ".join(bad), step=step))
 
@@ -323,9 +340,9 @@ class LossScaler:
     def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000) -> None:
         self.scale, self.growth_interval, self.good = scale, growth_interval, 0
 
-    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def update(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
         """False when the step overflowed (a host sync, as in GradScaler)."""
-        if bool(torch.isfinite(grad_norm)) or not bool(torch.isfinite(loss.detach()).all()):
+        if not T.nonfinite_flag(grads).item() or not bool(torch.isfinite(loss.detach()).all()):
             self.good += 1
             if self.good >= self.growth_interval:
                 self.scale, self.good = self.scale * 2.0, 0

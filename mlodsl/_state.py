@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 import torch
 
+from mlodsl import _tree as T
 from mlodsl._data import Batches
 from mlodsl._hypergrad import _unroll
 from mlodsl._problem import Problem
@@ -60,17 +61,36 @@ class ProblemState:
         self.has_batch = False
         self.count = 0
         self.last_loss: torch.Tensor | None = None
-        self.grad_norm: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
+        self._last_grads: list[torch.Tensor] | None = None  # the last step's gradient, until its norm is read
         self.records_unroll = records_unroll
         self.window: Window | None = None     # the last complete round (+ the round in progress)
         self.pending: Window | None = None
         self.round_start: Snapshot | None = None
+        self.steps_key = f"steps/{problem.name}"          # the runtime's counters, keyed once
+        self.calls_key = f"method_calls/{problem.name}"
 
     def current_batch(self) -> Any:
         """The batch of Q's last step (what methods evaluate C_Q on); drawn once if Q never stepped."""
         if not self.has_batch:
             self.last_batch, self.has_batch = self.batches.next(), True
         return self.last_batch
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The norm of the gradient the last step applied, computed when first read (so the hot
+        loop computes no norm nobody reads). The gradient is held until then, as ``.grad`` is
+        in a plain PyTorch loop, and let go when the next step begins."""
+        if self._grad_norm is None and self._last_grads is not None:
+            self._grad_norm, self._last_grads = T.norm(self._last_grads), None
+        return self._grad_norm
+
+    @grad_norm.setter
+    def grad_norm(self, value: torch.Tensor | None) -> None:
+        self._grad_norm, self._last_grads = value, None
+
+    def keep_gradient(self, grads: list[torch.Tensor] | None) -> None:
+        self._grad_norm, self._last_grads = None, grads
 
     def begin_round(self) -> None:
         p = self.problem

@@ -21,6 +21,28 @@ def norm(a: Vec) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
 
 
+def nonfinite_flag(a: Vec) -> torch.Tensor:
+    """A one-element tensor, nonzero iff some entry of ``a`` is NaN or Inf: one fused kernel
+    (torch's AMP check, unscaling by exactly 1) instead of a norm or a check per tensor."""
+    device = a[0].device
+    found = torch.zeros(1, device=device)
+    if all(x.is_floating_point() and x.device == device for x in a):
+        torch._amp_foreach_non_finite_check_and_unscale_(a, found, _one(device))
+        return found
+    return (~torch.stack([torch.isfinite(x).all() for x in a]).all()).to(found.dtype).reshape(1)
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    """A 1 on ``device``, made once (the AMP check only reads it)."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, device=device)
+    return one
+
+
 def add(a: Vec, b: Vec, alpha: float | torch.Tensor = 1.0) -> Vec:
     """a + alpha * b"""
     if isinstance(alpha, torch.Tensor):

@@ -335,8 +335,9 @@ def test_fp16_scales_the_loss_and_backs_off_on_overflow():
     from mlodsl._runtime import LossScaler
     grow = LossScaler(scale=4.0, growth_interval=2)
     ok = torch.tensor(1.0)
-    assert grow.update(ok, ok) and grow.update(ok, ok) and grow.scale == 8.0
-    assert not grow.update(ok, torch.tensor(float("inf"))) and grow.scale == 4.0
+    grads = [torch.ones(2), torch.ones(3)]
+    assert grow.update(ok, grads) and grow.update(ok, grads) and grow.scale == 8.0
+    assert not grow.update(ok, [torch.ones(2), torch.tensor([1.0, float("inf")])]) and grow.scale == 4.0
 
 
 def test_fp16_unscales_exactly():
