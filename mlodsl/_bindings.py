@@ -54,19 +54,26 @@ FROZEN = _Frozen()
 
 
 class Bindings:
-    """Parameters to call each reachable problem with, for one loss evaluation."""
+    """Parameters to call each reachable problem with, for loss evaluations of ``owner``.
 
-    __slots__ = ("owner", "table")
+    Immutable, so the runtime makes the few it needs (the direct evaluation of each problem,
+    each lower evaluation of a hypergradient) once and reuses them; the parameters themselves
+    are read from the problems at each evaluation, so freezing or unfreezing is seen.
+    """
+
+    __slots__ = ("owner", "table", "frozen", "overrides", "modules")
 
     def __init__(self, owner: Problem, table: Mapping[Problem, Mapping[str, torch.Tensor] | None]) -> None:
         self.owner = owner
         self.table = table
+        self.frozen = [q for q, params in table.items() if params is FROZEN]
+        self.overrides = [(q.module, params) for q, params in table.items() if params is not LIVE and params is not FROZEN]
+        self.modules = [q.module for q in table]
 
-    def call(self, problem: Problem, args: tuple, kwargs: dict) -> Any:
-        if problem not in self.table:
-            raise errors.ProblemError(errors.ESCAPED_REFERENCE.format(
-                name=self.owner.name, loc=self.owner.loc, other=problem.name))
-        return problem.module(*args, **kwargs)
+    def escaped(self, problem: Problem) -> errors.ProblemError:
+        """The error for a loss that calls a problem it cannot reach."""
+        return errors.ProblemError(errors.ESCAPED_REFERENCE.format(
+            name=self.owner.name, loc=self.owner.loc, other=problem.name))
 
 
 _current: contextvars.ContextVar[Bindings | None] = contextvars.ContextVar("mlodsl_bindings", default=None)
@@ -94,18 +101,12 @@ def evaluate(bindings: Bindings, fn: Callable[[], T]) -> T:
     """
     token = _current.set(bindings)
     keep_buffers = bindings.owner is not _stepping.get()
-    frozen = []
-    swaps = []
-    for problem, params in bindings.table.items():
-        if params is FROZEN:
-            frozen.extend(problem.params)
-            tensors = None
-        else:
-            tensors = None if params is LIVE else dict(params)
-        if keep_buffers and _buffered(problem.module):
-            tensors = {**(tensors or {}), **buffer_copies(problem.module)}
-        if tensors:
-            swaps.append((problem.module, tensors))
+    frozen = [t for q in bindings.frozen for t in q.params]
+    swaps = [(module, dict(params)) for module, params in bindings.overrides]
+    if keep_buffers:
+        for module in bindings.modules:
+            if _buffered(module):
+                swaps.append((module, buffer_copies(module)))
     rng = _RngFork(bindings.table) if keep_buffers else None
     try:
         for t in frozen:

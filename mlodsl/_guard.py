@@ -74,15 +74,13 @@ class Guard:
         """Run ``body`` (one step of ``st.problem``); on failure restore what it changed (module
         docstring). Plain try/except rather than context managers: this wraps every step."""
         p = st.problem
-        if p.name not in self._devices_checked:
-            self.check_devices(st)
-        saved = Saved(self.runtime, st, early=step is None or step.first)
-        handle = None
         fails = self._may_fail.get(p.name)
-        if fails is None:
+        if fails is None:  # the first step of this problem
+            self.check_devices(st)
             fails = self._may_fail[p.name] = _may_fail_in_update(p)
-        if fails or p.hooks["after_step"] or p.hooks["after_unroll"]:
-            handle = p.optimizer.register_step_pre_hook(lambda *_: saved.take_params(p))
+        fails = fails or bool(p.hooks["after_step"] or p.hooks["after_unroll"])
+        saved = Saved(self.runtime, st, step is None or step.first, fails)
+        handle = p.optimizer.register_step_pre_hook(lambda *_: saved.take_params(p)) if fails else None
         token = _bindings.set_stepping(p)
         try:
             body()
@@ -97,7 +95,8 @@ class Guard:
                     name=p.name, loc=p.loc, error=_error(e), where=where(e))) from e
             raise
         else:
-            saved.commit()
+            for s in saved.touched:
+                s.batches.commit()
         finally:
             _bindings.reset_stepping(token)
             if handle is not None:
@@ -139,22 +138,27 @@ def _may_fail_in_update(p: Problem) -> bool:
 
 
 class Saved:
-    """What one step may change (the module docstring lists it), taken when the step begins."""
+    """What one step may change (the module docstring lists it), taken when the step begins.
 
-    def __init__(self, runtime: Runtime, st: ProblemState, early: bool) -> None:
+    Only what can change before the step fails is copied: ``.grad`` and the scheduler only when
+    something can fail once the update has begun (``late``), buffers only where there are any,
+    the ``Unrolled`` windows only where a touched problem records them.
+    """
+
+    def __init__(self, runtime: Runtime, st: ProblemState, early: bool, late: bool) -> None:
         p = st.problem
         self.runtime = runtime
+        self.problem = p
         self.counters = (runtime.iteration, runtime.position, dict(runtime.stats), dict(runtime.diagnostics))
-        self.touched = runtime.touched[p.name]  # the states this step can change, listed once
-        self.states = [(s, dict(vars(s))) for s in self.touched]
-        self.windows = _window_lengths(self.touched)
-        self.marks = [s.batches.mark() for s in self.touched]
-        self.buffers = [(b, b.detach().clone()) for b in st.reach_buffers]
-        self.grads = [(t, t.grad) for t in p.params]
+        self.touched = touched = runtime.touched[p.name]  # the states this step can change, listed once
+        self.states = [vars(s).copy() for s in touched]
+        self.marks = [s.batches.mark() for s in touched]
+        self.windows = _window_lengths(touched) if runtime.touches_windows[p.name] else ()
+        self.buffers = [(b, b.detach().clone()) for b in st.reach_buffers] if st.reach_buffers else ()
+        self.grads = [(t, t.grad) for t in p.params] if late else ()
         self.scheduler = copy.deepcopy(p.scheduler.state_dict()) if p.scheduler is not None else None
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        self.problem = p
         self.params: dict[str, ParamCopy] = {}
         if early and p.hooks["before_unroll"]:
             self.take_params(p)
@@ -189,7 +193,7 @@ class Saved:
         rt.stats.update(stats)
         rt.diagnostics.clear()
         rt.diagnostics.update(diagnostics)
-        for (s, saved), mark in zip(self.states, self.marks):
+        for s, saved, mark in zip(self.touched, self.states, self.marks):
             vars(s).update(saved)
             if data:
                 s.batches.rewind(mark)
@@ -197,10 +201,6 @@ class Saved:
                 s.batches.commit()
         for window, length in self.windows:
             del window.steps[length:]
-
-    def commit(self) -> None:
-        for s in self.touched:
-            s.batches.commit()
 
 
 class ParamCopy:

@@ -98,7 +98,9 @@ class LowerView:
         states = window.states
         for batches, hps in window.steps:
             self.runtime.count("unrolled_update")
-            loss = sum(self.loss(live=False, theta=theta, batch=b) for b in batches) / len(batches)
+            loss = self.loss(live=False, theta=theta, batch=batches[0])
+            if len(batches) > 1:  # grad_accumulation: the mean over the step's batches
+                loss = sum((self.loss(live=False, theta=theta, batch=b) for b in batches[1:]), loss) / len(batches)
             grads = T.fill_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
             grads = self.runtime.reduce(grads, "replay")  # the combined batch's g_t, differentiably
             updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]

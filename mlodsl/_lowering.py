@@ -24,9 +24,16 @@ if TYPE_CHECKING:
 MAX_LOWERED = 512  # iterations per period
 
 
+_STEPS: dict[tuple[str, bool, bool], Step] = {}
+
+
 def step(runtime: Runtime, problem: str, first: bool, last: bool) -> None:
     """One optimizer step of ``problem`` (a round of ``steps`` opens at ``first``, closes at ``last``)."""
-    runtime.step(Step(problem=problem, first=first, last=last))
+    key = (problem, first, last)
+    s = _STEPS.get(key)
+    if s is None:
+        s = _STEPS[key] = Step(problem=problem, first=first, last=last)
+    runtime.step(s)
     runtime.position += 1
 
 

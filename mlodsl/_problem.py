@@ -84,9 +84,9 @@ class Problem:
     # -- what a loss sees ------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         bindings = _bindings.current()
-        if bindings is None:
-            return self.module(*args, **kwargs)
-        return bindings.call(self, args, kwargs)
+        if bindings is not None and self not in bindings.table:
+            raise bindings.escaped(self)
+        return self.module(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<Problem {self.name!r} at {self.loc}>"

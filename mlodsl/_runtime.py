@@ -69,6 +69,9 @@ class Runtime:
         self.touched = {name: [self.state[n] for n in dict.fromkeys(
             [name, *(v.problem for v in self.hypergrads[name].visits),
              *(low.problem.name for low in self.roll_back_lowers[name])])] for name in self.problems}
+        self.touches_windows = {name: any(s.records_unroll for s in states) for name, states in self.touched.items()}
+        self._bindings: dict[tuple[Problem, frozenset[Problem]], Bindings] = {}
+        self._flags: dict[str, torch.Tensor] = {}  # per problem: nonzero once a check found NaN/Inf
         self.guard = Guard(self)
         from mlodsl._lowering import lower
         self.lowered = lower(plan)  # one period as a torch.fx GraphModule (None: interpreted)
@@ -201,14 +204,20 @@ class Runtime:
     def evaluate(self, p: Problem, batch: Any, live: Iterable[Problem] = (),
                  override: Mapping[Problem, Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
         """C_P on ``batch``: ``live`` problems use their own parameters, ``override`` given ones."""
-        override = override or {}
-        table = {r: override[r] if r in override else (LIVE if r in live else FROZEN)
-                 for r in self.state[p.name].reach}
+        if override:
+            bindings = Bindings(p, {r: override[r] if r in override else (LIVE if r in live else FROZEN)
+                                    for r in self.state[p.name].reach})
+        else:  # the same few bindings every iteration: made once
+            key = (p, frozenset(live))
+            bindings = self._bindings.get(key)
+            if bindings is None:
+                bindings = self._bindings[key] = Bindings(
+                    p, {r: LIVE if r in live else FROZEN for r in self.state[p.name].reach})
         fn = p.fn if p.data is None else functools.partial(p.fn, batch)
         if self.autocast is not None:
             fn = functools.partial(self._autocast_call, fn)
         try:
-            out = evaluate(Bindings(p, table), fn)
+            out = evaluate(bindings, fn)
         except errors.MlodslError:
             raise
         except Exception as e:
@@ -291,12 +300,17 @@ class Runtime:
             first = torch.where(all_ok & ~ok, torch.full_like(first, step), first)
             self._deferred[p.name] = (all_ok & ok, first)
             return
-        found, value = torch.cat([T.nonfinite_flag(grads), loss.reshape(1)]).tolist()  # the one read
-        if not math.isfinite(value):
-            raise errors.NonFiniteError(errors.LOSS_NOT_FINITE.format(
-                name=p.name, loc=p.loc, value=value, step=step))
-        if not found:
+        # one fused kernel over the gradient and the loss (a view: scaled in place by exactly 1),
+        # into a flag that stays zero while every step is finite; one read
+        flag = self._flags.get(p.name)
+        if flag is None:
+            flag = self._flags[p.name] = torch.zeros(1, device=loss.device)
+        if not T.any_nonfinite([*grads, loss.view(1)], flag):
             return
+        flag.zero_()
+        if not math.isfinite(loss.item()):
+            raise errors.NonFiniteError(errors.LOSS_NOT_FINITE.format(
+                name=p.name, loc=p.loc, value=loss.item(), step=step))
         bad = [n for n, g in zip(p.param_names, grads) if not bool(torch.isfinite(g).all())]
         raise errors.NonFiniteError(errors.GRAD_NOT_FINITE.format(
             name=p.name, loc=p.loc, where=", ".join(bad), step=step))

@@ -21,15 +21,25 @@ def norm(a: Vec) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
 
 
-def nonfinite_flag(a: Vec) -> torch.Tensor:
-    """A one-element tensor, nonzero iff some entry of ``a`` is NaN or Inf: one fused kernel
-    (torch's AMP check, unscaling by exactly 1) instead of a norm or a check per tensor."""
-    device = a[0].device
-    found = torch.zeros(1, device=device)
+def any_nonfinite(a: Vec, flag: torch.Tensor) -> bool:
+    """Whether some entry of ``a`` is NaN or Inf, read once. ``flag`` (one element, zero, on the
+    device of ``a``) is set when one is: one fused kernel (torch's AMP check, unscaling by
+    exactly 1) rather than a norm or a check per tensor. Reset ``flag`` after a True."""
+    device = flag.device
     if all(x.is_floating_point() and x.device == device for x in a):
-        torch._amp_foreach_non_finite_check_and_unscale_(a, found, _one(device))
-        return found
-    return (~torch.stack([torch.isfinite(x).all() for x in a]).all()).to(found.dtype).reshape(1)
+        torch._amp_foreach_non_finite_check_and_unscale_(a, flag, _one(device))
+    else:
+        flag.add_(~torch.stack([torch.isfinite(x).all() for x in a]).all())
+    return bool(flag.item())
+
+
+def nonfinite_flag(a: Vec) -> torch.Tensor:
+    """A one-element tensor, nonzero iff some entry of ``a`` is NaN or Inf (no read)."""
+    flag = torch.zeros(1, device=a[0].device)
+    if all(x.is_floating_point() and x.device == flag.device for x in a):
+        torch._amp_foreach_non_finite_check_and_unscale_(a, flag, _one(flag.device))
+        return flag
+    return (~torch.stack([torch.isfinite(x).all() for x in a]).all()).to(flag.dtype).reshape(1)
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}

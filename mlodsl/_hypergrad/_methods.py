@@ -136,13 +136,13 @@ class FiniteDifference:
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
         # ε as a tensor: no host sync. v = 0 gives θ ± 0 and a zero difference, so a zero result.
-        eps = self.eps / T.norm(v).clamp_min(torch.finfo(v[0].dtype).tiny)
+        eps = T.norm(v).clamp_min(torch.finfo(v[0].dtype).tiny).reciprocal().mul_(self.eps)
         lower.record("fd_epsilon", eps)
         with torch.no_grad():
             plus = T.add(lower.params, v, eps)
             minus = T.add(lower.params, v, -eps)
         g_plus, g_minus = lower.input_grads(plus), lower.input_grads(minus)
-        coef = -lower.lr / (2 * eps)
+        coef = eps.reciprocal().mul_(-0.5 * lower.lr)  # −α / 2ε
         return [T.scale(T.add(a, b, -1.0), coef) for a, b in zip(g_plus, g_minus)]
 
 
