@@ -21,6 +21,11 @@ def norm(a: Vec) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
 
 
+def sqnorm(a: Vec) -> torch.Tensor:
+    """aᵀa: one fused norm per tensor, then a sum of squares (fewer kernels than ``dot(a, a)``)."""
+    return torch.stack(torch._foreach_norm(a)).square().sum()
+
+
 def any_nonfinite(a: Vec, flag: torch.Tensor) -> bool:
     """Whether some entry of ``a`` is NaN or Inf, read once. ``flag`` (one element, zero, on the
     device of ``a``) is set when one is: one fused kernel (torch's AMP check, unscaling by

@@ -35,23 +35,21 @@ def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> t
     x = T.zeros_like(v)
     r = list(v)
     d = list(r)
-    rs = T.dot(r, r)
+    rs = T.sqnorm(r)
+    tiny = torch.finfo(rs.dtype).tiny
     curvatures = []  # dᵀ(H+λI)d of each direction: a negative one means H is not positive definite
     for _ in range(iterations):
         hd = hvp(d)
         ad = T.add(hd, d, damping) if damping else hd
         dad = T.dot(d, ad)
         curvatures.append(dad)
-        # an exact solve leaves r = d = 0: dividing by ∞ there gives a zero step, with no host sync
-        step = rs / _zero_to_inf(dad)
+        # an exact solve leaves r = d = 0: 0 / (0 + tiny) is a zero step, with no host sync
+        # (and + tiny changes no denominator that is not itself within rounding of zero)
+        step = rs / (dad + tiny)
         x = T.add(x, d, step)
         r = T.add(r, ad, -step)
-        rs_new = T.dot(r, r)
-        d = T.add(r, d, rs_new / _zero_to_inf(rs))
+        rs_new = T.sqnorm(r)
+        d = T.add(r, d, rs_new / (rs + tiny))
         rs = rs_new
     return x, {"cg_residual_norm": lambda: rs.sqrt(), "cg_relative_residual": lambda: rs.sqrt() / T.norm(v),
                "cg_min_curvature": lambda: torch.stack(curvatures).min() if curvatures else rs * 0 + 1}
-
-
-def _zero_to_inf(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x != 0, x, torch.full_like(x, float("inf")))
