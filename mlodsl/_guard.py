@@ -70,20 +70,20 @@ class Guard:
         self._devices_checked: set[str] = set()
         self._may_fail: dict[str, bool] = {}
 
-    def run(self, st: ProblemState, step: Step | None, body: Callable[[], None]) -> None:
-        """Run ``body`` (one step of ``st.problem``); on failure restore what it changed (module
-        docstring). Plain try/except rather than context managers: this wraps every step."""
+    def run(self, st: ProblemState, step: Step, body: Callable[[Step, ProblemState], None]) -> None:
+        """Run ``body(step, st)`` (one step of ``st.problem``); on failure restore what it changed
+        (module docstring). Plain try/except rather than context managers: this wraps every step."""
         p = st.problem
         fails = self._may_fail.get(p.name)
         if fails is None:  # the first step of this problem
             self.check_devices(st)
             fails = self._may_fail[p.name] = _may_fail_in_update(p)
         fails = fails or bool(p.hooks["after_step"] or p.hooks["after_unroll"])
-        saved = Saved(self.runtime, st, step is None or step.first, fails)
+        saved = Saved(self.runtime, st, step.first, fails)
         handle = p.optimizer.register_step_pre_hook(lambda *_: saved.take_params(p)) if fails else None
         token = _bindings.set_stepping(p)
         try:
-            body()
+            body(step, st)
         except BaseException as e:
             skip = isinstance(e, errors.NonFiniteError) and self.nan_policy == "skip"
             saved.restore(data=not skip)

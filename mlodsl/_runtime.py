@@ -129,16 +129,15 @@ class Runtime:
 
     def step(self, step: Step) -> None:
         st = self.state[step.problem]
-        body = lambda: self._step(step, st)  # noqa: E731
         try:
-            self.guard.run(st, step, body)
+            self.guard.run(st, step, self._step)
         except errors.MlodslError as e:
             if not (self.compiled and _compile.is_compile_error(e)):
                 raise
             _compile.undo(self.problems.values())   # rolled back: retry eagerly, once
             self.compiled = False
             _compile.warn_fallback(e)
-            self.guard.run(st, step, body)
+            self.guard.run(st, step, self._step)
 
     def _step(self, step: Step, st: ProblemState) -> None:
         p = st.problem
