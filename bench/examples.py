@@ -1,10 +1,10 @@
-"""The example tables of bench/RESULTS.md ("## Examples (issue 6)"), each produced by one command.
+"""The example tables of examples/RESULTS.md ("## Examples (issue 6)"), each produced by one command.
 
 For each example named on the command line (all by default), runs
 ``python examples/NAME.py --table ARGS`` in this process (the example's
 ``main``), and writes its markdown table, with the command above it, between
 the markers ``<!-- begin examples:NAME -->`` and ``<!-- end examples:NAME -->``
-of bench/RESULTS.md. Everything outside the markers (other sections, notes
+of examples/RESULTS.md. Everything outside the markers (other sections, notes
 under the tables) is left as it is; a missing section or block is appended.
 
     python bench/examples.py                          # every table (about 40 min on one CPU core)
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS = ROOT / "examples" / "RESULTS.md"
 SECTION = "## Examples (issue 6)"
 SEEDS = ["--seeds", "0", "1", "2"]
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         version = snapshot or library_version()
         command, table, seconds = run(name)
-        text = args.output.read_text() if args.output.exists() else "# Benchmark results\n"
+        text = args.output.read_text() if args.output.exists() else "# Examples: results\n"
         args.output.write_text(update(text, name, title, block(name, command, table, seconds, version)))
         print(f"{name}: {seconds / 60:.1f} min, written to {args.output}", flush=True)
 
