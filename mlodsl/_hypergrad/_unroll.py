@@ -79,7 +79,7 @@ def _adam(p: torch.Tensor, g: torch.Tensor, st: State, hp: dict) -> tuple[torch.
     v = st.get("exp_avg_sq", torch.zeros_like(p))
     m = m + (g - m) * (1 - beta1)
     v = v * beta2 + (1 - beta2) * g * g
-    new = {**st, "step": torch.tensor(step), "exp_avg": m, "exp_avg_sq": v}
+    new = {**st, "step": step, "exp_avg": m, "exp_avg_sq": v}  # a float: only the next replayed update reads it
     if hp.get("amsgrad"):
         v = torch.maximum(st.get("max_exp_avg_sq", torch.zeros_like(p)), v)
         new["max_exp_avg_sq"] = v
