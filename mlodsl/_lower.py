@@ -76,11 +76,22 @@ class LowerView:
         return GradGraph(self)
 
     def input_grads(self, theta: T.Vec) -> list[T.Vec]:
+        """∇_x C_Q(theta, x). ``theta`` is copied into Q's parameters for the evaluation and θ is
+        put back exactly afterwards (as DARTS' code does): cheaper than re-parametrizing the
+        module, and safe here, as no live graph holds θ_Q while a method runs."""
         self.runtime.count("grad_eval")
-        loss = self.loss(live=False, theta=theta)
-        if not loss.requires_grad:
-            return self.zeros_for_inputs()
-        grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
+        params = self.params
+        with torch.no_grad():
+            saved = torch._foreach_mul(params, 1.0)
+            torch._foreach_copy_(params, theta)
+        try:
+            loss = self.loss(live=False)
+            if not loss.requires_grad:
+                return self.zeros_for_inputs()
+            grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
         return T.split(self.runtime.reduce(T.fill_none(grads, self.flat_inputs), "product"), self.sizes)
 
     def zeros_for_inputs(self) -> list[T.Vec]:
