@@ -8,11 +8,12 @@ lines of dense algebra.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from mlodsl import Program, problem
+from mlodsl import Program, ProblemError, problem
 from mlodsl.hypergrad import CG, FiniteDifference, Neumann
 from tests.quadratic import DT
 
@@ -104,3 +105,32 @@ def test_finite_difference_tends_to_neumann_with_no_terms():
     program["learner"].hypergrad = FiniteDifference(eps=1e-1)
     err_large = float((got(program) - limit).norm() / limit.norm())
     assert err_small < 1e-6 and err_large > 10 * err_small
+
+
+def test_finite_differences_put_the_lower_parameters_back_exactly():
+    """FD moves θ to θ ± εv in place for its two evaluations; afterwards θ is bitwise what it was,
+    also when the loss raises in the middle of an evaluation."""
+    program, net, _ = make(FiniteDifference())
+    program.run(iterations=3, progress=False)
+    before = [p.detach().clone() for p in net.parameters()]
+    g = program.gradient("outer")
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.isfinite(t).all() for t in g) and any(t.abs().sum() > 0 for t in g)
+
+    calls = {"n": 0}
+    forward = net.forward
+
+    def failing(x):  # the lower loss raises during FD's first evaluation at θ + εv
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return forward(x)
+
+    net.forward = failing
+    try:
+        with pytest.raises(ProblemError, match="boom"):
+            program.gradient("outer")
+        assert calls["n"] == 2
+    finally:
+        net.forward = forward
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
