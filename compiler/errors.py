@@ -126,6 +126,15 @@ LOSS_NOT_DIFFERENTIABLE = (
     "or .detach() on the path to the loss."
 )
 
+HELD_DETACH_MISMATCH = (
+    "the loss of {name!r} ({loc}) called .detach() {got} at θ ± εv but {expected} at θ, so "
+    "FiniteDifference(hold_detached=True) cannot match the values it holds.\n"
+    "Rule: with hold_detached=True, the loss must call .detach() the same number of times, on "
+    "tensors of the same shapes, at every evaluation.\n"
+    "Fix: make the detached values independent of θ's exact value (no data-dependent branches "
+    "around .detach()), or use FiniteDifference() without hold_detached, Neumann or CG."
+)
+
 ESCAPED_REFERENCE = (
     "the loss of {name!r} ({loc}) called problem {other!r}, which the compiler did not see in "
     "its code.\n"

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torch.overrides import TorchFunctionMode
+
+from compiler import errors
 from mlodsl import _tree as T
 from mlodsl._bindings import as_dict
 from mlodsl._hypergrad import _unroll
@@ -75,17 +78,32 @@ class LowerView:
     def grad_graph(self) -> GradGraph:
         return GradGraph(self)
 
-    def input_grads(self, theta: T.Vec) -> list[T.Vec]:
+    def detached_values(self) -> list[torch.Tensor]:
+        """What the loss of Q detaches when evaluated at θ (for ``FiniteDifference(hold_detached=True)``)."""
+        self.runtime.count("held_eval")
+        mode = _HeldDetach(self.problem)
+        with torch.no_grad(), mode:
+            self.loss(live=False)
+        return mode.values
+
+    def input_grads(self, theta: T.Vec, held: list[torch.Tensor] | None = None) -> list[T.Vec]:
         """∇_x C_Q(theta, x). ``theta`` is copied into Q's parameters for the evaluation and θ is
         put back exactly afterwards (as DARTS' code does): cheaper than re-parametrizing the
-        module, and safe here, as no live graph holds θ_Q while a method runs."""
+        module, and safe here, as no live graph holds θ_Q while a method runs. With ``held``
+        (:meth:`detached_values`), the loss's ``.detach()`` calls return those values."""
         self.runtime.count("grad_eval")
         params = self.params
         with torch.no_grad():
             saved = torch._foreach_mul(params, 1.0)
             torch._foreach_copy_(params, theta)
         try:
-            loss = self.loss(live=False)
+            if held is None:
+                loss = self.loss(live=False)
+            else:
+                mode = _HeldDetach(self.problem, held)
+                with mode:
+                    loss = self.loss(live=False)
+                mode.check_all_used()
             if not loss.requires_grad:
                 return self.zeros_for_inputs()
             grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
@@ -127,3 +145,47 @@ class LowerView:
 def _max_gap(a: T.Vec, b: T.Vec) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([(x - y).abs().max() for x, y in zip(a, b)]).max()
+
+
+class _HeldDetach(TorchFunctionMode):
+    """Records what ``Tensor.detach`` returns during one evaluation, or (given ``held``) returns
+    the recorded values again, call by call, so that a perturbed evaluation sees the detached
+    values of the unperturbed one."""
+
+    _DETACH = (torch.Tensor.detach, torch.detach)
+
+    def __init__(self, problem: Problem, held: list[torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.problem = problem
+        self.replay = held is not None
+        self.values: list[torch.Tensor] = [] if held is None else held
+        self.used = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in self._DETACH:
+            return out
+        if not self.replay:
+            self.values.append(out)
+            return out
+        if self.used >= len(self.values) or self.values[self.used].shape != out.shape:
+            self._mismatch(f"at least {_times(self.used + 1)}" if self.used >= len(self.values)
+                           else f"on a tensor of shape {tuple(out.shape)} (call {self.used + 1})")
+        held = self.values[self.used]
+        self.used += 1
+        return held
+
+    def check_all_used(self) -> None:
+        if self.used != len(self.values):
+            self._mismatch(_times(self.used))
+
+    def _mismatch(self, got: str) -> None:
+        expected = _times(len(self.values))
+        if got.startswith("on a tensor"):
+            expected = f"on shape {tuple(self.values[self.used].shape)}"
+        raise errors.ProblemError(errors.HELD_DETACH_MISMATCH.format(
+            name=self.problem.name, loc=self.problem.loc, got=got, expected=expected))
+
+
+def _times(n: int) -> str:
+    return {0: "no times", 1: "once", 2: "twice"}.get(n, f"{n} times")

@@ -27,7 +27,7 @@ from torch import nn
 
 from compiler import errors
 from mlodsl import CompileError, MlodslWarning, ProblemError, Program, problem
-from mlodsl.hypergrad import Unrolled
+from mlodsl.hypergrad import FiniteDifference, Unrolled
 
 HERE = r"\S*test_catalogue\.py:\d+"
 X = torch.ones(4, 2)
@@ -390,6 +390,24 @@ def scheduler_raises():
                   scheduler=torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=2))
 
 
+def detach_count_changes():
+    (m1, o1), (m2, o2) = lin(), lin()
+    calls = []
+
+    @problem(module=m1, optimizer=o1)
+    def up():
+        return low(X).pow(2).sum()
+
+    @problem(module=m2, optimizer=o2, upper=[up], hypergrad=FiniteDifference(hold_detached=True))
+    def low():
+        calls.append(1)
+        out = low(X)
+        scale = out.detach().mean() if len(calls) % 2 else 1.0   # a .detach() on every other call only
+        return (out * up(X) * scale).pow(2).sum()
+
+    return Program([up, low])
+
+
 def zero_gradient():
     return bilevel(hypergrad="first_order")
 
@@ -480,6 +498,9 @@ CATALOGUE_RUN = [
          errors.DEVICE_MISMATCH_BATCH,
          rf"loss of 'p' \({HERE}\) raised RuntimeError: .* at {HERE}: its batch is on meta, but the "
          rf"module of 'p' is on cpu.*x.to\('cpu'\)"),
+    Case("FD holding detached values, but the loss detaches differently each time", detach_count_changes,
+         ProblemError, errors.HELD_DETACH_MISMATCH,
+         rf"loss of 'low' \({HERE}\) called .detach\(\) at least once at θ ± εv but no times at θ.*hold_detached=True"),
     Case("a hook raises", hook_raises, ProblemError, errors.STEP_FAILED,
          rf"step of 'low' \({HERE}\) failed: TypeError: .* at {HERE}"),
     Case("the scheduler raises", scheduler_raises, ProblemError, errors.STEP_FAILED,

@@ -35,7 +35,8 @@ class Lower(Protocol):
     lr: float
 
     def grad_graph(self) -> GradGraph: ...
-    def input_grads(self, theta: T.Vec) -> list[T.Vec]: ...   # ∇_x C_Q(θ, x), per input x
+    def input_grads(self, theta: T.Vec, held: list[torch.Tensor] | None = None) -> list[T.Vec]: ...  # ∇_x C_Q(θ, x)
+    def detached_values(self) -> list[torch.Tensor]: ...     # what C_Q(θ, x) detaches, in call order
     def unrolled_vjp(self, v: T.Vec) -> list[T.Vec]: ...      # (∂θ_T/∂x)ᵀ v through the last updates
     def record(self, key: str, value: torch.Tensor | float) -> None: ...
     def zeros_for_inputs(self) -> list[T.Vec]: ...
@@ -123,16 +124,26 @@ class CG:
         return Implicit(solve)(lower, v)
 
 
-@frozen
+@frozen(repr=False)
 class FiniteDifference:
     """DARTS: −α (∇_x C_Q(θ + εv) − ∇_x C_Q(θ − εv)) / (2ε),  ε = eps/‖v‖,  α = Q's lr.
 
     Two gradient evaluations and no Hessian-vector product; the one-step
     unrolled approximation of the best-response Jacobian.
+
+    FD evaluates the loss at θ ± εv, so it also differentiates through values the
+    loss detaches (a weight net reading ``losses.detach()``): autograd-based methods
+    do not. ``hold_detached=True`` makes FD agree with them: one more evaluation at θ
+    (without a graph) records what each ``.detach()`` returns, and the two perturbed
+    evaluations get those values back.
     """
 
     eps: float = field(default=0.01, validator=_check("a number > 0", lambda v: _is_number(v) and v > 0))
+    hold_detached: bool = field(default=False, validator=_check("True or False", lambda v: isinstance(v, bool)))
     name: ClassVar[str] = "fd"
+
+    def __repr__(self) -> str:
+        return f"FiniteDifference(eps={self.eps!r}{', hold_detached=True' if self.hold_detached else ''})"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
         # ε as a tensor: no host sync. v = 0 gives θ ± 0 and a zero difference, so a zero result.
@@ -141,7 +152,8 @@ class FiniteDifference:
         with torch.no_grad():
             plus = T.add(lower.params, v, eps)
             minus = T.add(lower.params, v, -eps)
-        g_plus, g_minus = lower.input_grads(plus), lower.input_grads(minus)
+        held = lower.detached_values() if self.hold_detached else None
+        g_plus, g_minus = lower.input_grads(plus, held), lower.input_grads(minus, held)
         coef = eps.reciprocal().mul_(-0.5 * lower.lr)  # −α / 2ε
         return [T.scale(T.add(a, b, -1.0), coef) for a, b in zip(g_plus, g_minus)]
 
