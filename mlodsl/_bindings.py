@@ -61,14 +61,14 @@ class Bindings:
     are read from the problems at each evaluation, so freezing or unfreezing is seen.
     """
 
-    __slots__ = ("owner", "table", "frozen", "overrides", "modules")
+    __slots__ = ("owner", "table", "frozen", "overrides", "buffered")
 
     def __init__(self, owner: Problem, table: Mapping[Problem, Mapping[str, torch.Tensor] | None]) -> None:
         self.owner = owner
         self.table = table
         self.frozen = [q for q, params in table.items() if params is FROZEN]
         self.overrides = [(q.module, params) for q, params in table.items() if params is not LIVE and params is not FROZEN]
-        self.modules = [q.module for q in table]
+        self.buffered = [q.module for q in table if _buffered(q.module)]  # modules with buffers
 
     def escaped(self, problem: Problem) -> errors.ProblemError:
         """The error for a loss that calls a problem it cannot reach."""
@@ -104,9 +104,7 @@ def evaluate(bindings: Bindings, fn: Callable[[], T]) -> T:
     frozen = [t for q in bindings.frozen for t in q.params]
     swaps = [(module, dict(params)) for module, params in bindings.overrides]
     if keep_buffers:
-        for module in bindings.modules:
-            if _buffered(module):
-                swaps.append((module, buffer_copies(module)))
+        swaps.extend((module, buffer_copies(module)) for module in bindings.buffered)
     rng = _RngFork(bindings.table) if keep_buffers else None
     try:
         for t in frozen:

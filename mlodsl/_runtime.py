@@ -71,7 +71,7 @@ class Runtime:
              *(low.problem.name for low in self.roll_back_lowers[name])])] for name in self.problems}
         self.touches_windows = {name: any(s.records_unroll for s in states) for name, states in self.touched.items()}
         self._bindings: dict[tuple[Problem, frozenset[Problem]], Bindings] = {}
-        self._flags: dict[str, torch.Tensor] = {}  # per problem: nonzero once a check found NaN/Inf
+        self._flags: dict[str, tuple[torch.Tensor, bool]] = {}  # per problem: the finite check's flag, fused?
         self.guard = Guard(self)
         from mlodsl._lowering import lower
         self.lowered = lower(plan)  # one period as a torch.fx GraphModule (None: interpreted)
@@ -301,10 +301,12 @@ class Runtime:
             return
         # one fused kernel over the gradient and the loss (a view: scaled in place by exactly 1),
         # into a flag that stays zero while every step is finite; one read
-        flag = self._flags.get(p.name)
-        if flag is None:
-            flag = self._flags[p.name] = torch.zeros(1, device=loss.device)
-        if not T.any_nonfinite([*grads, loss.view(1)], flag):
+        checked = [*grads, loss.view(1)]
+        flag, fused = self._flags.get(p.name, (None, False))
+        if flag is None:  # made once per problem
+            flag, fused = torch.zeros(1, device=loss.device), T.fusable(checked, loss.device)
+            self._flags[p.name] = (flag, fused)
+        if not T.any_nonfinite(checked, flag, fused):
             return
         flag.zero_()
         if not math.isfinite(loss.item()):

@@ -26,13 +26,18 @@ def sqnorm(a: Vec) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(a)).square().sum()
 
 
-def any_nonfinite(a: Vec, flag: torch.Tensor) -> bool:
+def fusable(a: Vec, device: torch.device) -> bool:
+    """Whether :func:`any_nonfinite` can check ``a`` with the fused kernel (floating point, on ``device``)."""
+    return all(x.is_floating_point() and x.device == device for x in a)
+
+
+def any_nonfinite(a: Vec, flag: torch.Tensor, fused: bool) -> bool:
     """Whether some entry of ``a`` is NaN or Inf, read once. ``flag`` (one element, zero, on the
-    device of ``a``) is set when one is: one fused kernel (torch's AMP check, unscaling by
-    exactly 1) rather than a norm or a check per tensor. Reset ``flag`` after a True."""
-    device = flag.device
-    if all(x.is_floating_point() and x.device == device for x in a):
-        torch._amp_foreach_non_finite_check_and_unscale_(a, flag, _one(device))
+    device of ``a``) is set when one is: with ``fused`` (:func:`fusable`, decided once per
+    problem), one kernel (torch's AMP check, unscaling by exactly 1) rather than a norm or a
+    check per tensor. Reset ``flag`` after a True."""
+    if fused:
+        torch._amp_foreach_non_finite_check_and_unscale_(a, flag, _one(flag.device))
     else:
         flag.add_(~torch.stack([torch.isfinite(x).all() for x in a]).all())
     return bool(flag.item())
