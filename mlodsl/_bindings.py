@@ -102,8 +102,8 @@ def evaluate(bindings: Bindings, fn: Callable[[], T]) -> T:
     token = _current.set(bindings)
     keep_buffers = bindings.owner is not _stepping.get()
     frozen = [t for q in bindings.frozen for t in q.params]
-    swaps = [(module, dict(params)) for module, params in bindings.overrides]
-    if keep_buffers:
+    swaps = [(module, dict(params)) for module, params in bindings.overrides] if bindings.overrides else []
+    if keep_buffers and bindings.buffered:
         swaps.extend((module, buffer_copies(module)) for module in bindings.buffered)
     rng = _RngFork(bindings.table) if keep_buffers else None
     try:
@@ -127,14 +127,16 @@ class _RngFork:
     """torch's generators as they were, put back when the evaluation ends (cheaper than
     ``torch.random.fork_rng``, which also validates devices and warns)."""
 
+    __slots__ = ("cpu", "cuda")
+
     def __init__(self, table: Mapping[Problem, Any]) -> None:
-        self.cpu = torch.get_rng_state()
-        self.devices = _cuda_devices(table)
-        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.cpu = torch.default_generator.get_state()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(table)] \
+            if torch.cuda.is_initialized() else ()
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, state in zip(self.devices, self.cuda):
+        torch.default_generator.set_state(self.cpu)
+        for d, state in self.cuda:
             torch.cuda.set_rng_state(state, d)
 
 
