@@ -70,6 +70,10 @@ class Runtime:
             [name, *(v.problem for v in self.hypergrads[name].visits),
              *(low.problem.name for low in self.roll_back_lowers[name])])] for name in self.problems}
         self.touches_windows = {name: any(s.records_unroll for s in states) for name, states in self.touched.items()}
+        # the seeds of each problem's adjoints, and the problems its own loss evaluation binds live
+        self.seeds = {name: ([self.problems[s] for s in hp.seeds],
+                             frozenset([p, *(self.problems[s] for s in hp.seeds)]))
+                      for name, p in self.problems.items() for hp in [self.hypergrads[name]]}
         self._bindings: dict[tuple[Problem, frozenset[Problem]], Bindings] = {}
         self._flags: dict[str, tuple[torch.Tensor, bool]] = {}  # per problem: the finite check's flag, fused?
         self.guard = Guard(self)
@@ -242,8 +246,8 @@ class Runtime:
     def total_gradient(self, p: Problem, batch: Any) -> tuple[T.Vec, torch.Tensor]:
         """dC_P/dθ_P: the direct gradient plus every path through the lower optima (DESIGN §3)."""
         hp = self.hypergrads[p.name]
-        seeds = [self.problems[s] for s in hp.seeds]
-        loss = self.evaluate(p, batch, live=[p, *seeds])
+        seeds, live = self.seeds[p.name]
+        loss = self.evaluate(p, batch, live=live)
         if not loss.requires_grad:
             return self._no_gradient(p), loss
         diff = p.params + [t for s in seeds for t in s.params]
