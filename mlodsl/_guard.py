@@ -5,14 +5,17 @@ puts it back when the step fails:
 
 - θ_P and P's optimizer state (with the param-group settings a scheduler
   changes): the runtime touches them only once the gradient is known to be
-  finite, in ``optimizer.step()``. They are copied right before that call (an
+  finite, in ``optimizer.step()``, which cannot fail for torch's optimizers, so
+  the common step copies neither. When something can fail once the update has
+  begun (an ``after_step`` / ``after_unroll`` hook, a scheduler, an optimizer
+  not from ``torch.optim``), they are copied right before that call (an
   optimizer step pre-hook), when the gradient graphs are already freed, so the
-  common failures (a loss that raises, NaN) cost no copy and the copy never
-  raises the peak memory. A ``before_unroll`` hook may change θ earlier, and
-  ``roll_back=True`` lowers change after the update: those are copied when the
-  step begins.
-- buffers of the modules P's loss calls (BatchNorm running statistics), P's
-  scheduler state and ``.grad`` of θ_P: copied when the step begins (small).
+  copy never raises the peak memory. A ``before_unroll`` hook may change θ
+  earlier, and ``roll_back=True`` lowers change after the update: those are
+  copied when the step begins.
+- buffers of the modules P's loss calls (BatchNorm running statistics, where
+  there are any): copied when the step begins (small); P's scheduler state and
+  ``.grad`` of θ_P too, when something can fail after the update.
 - the runtime's counters (``iteration``, ``position``, ``stats``,
   ``diagnostics``) and every problem's state (step count, last batch and loss,
   ``Unrolled`` windows): shallow copies, and the windows' lengths.
