@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
                         choices=[*SINGLE_PATH, "ladder"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of interleaved blocks per single-path program (default 13; more for a tighter median)")
     parser.add_argument("--probe", nargs=3, metavar=("PROGRAM", "METHOD", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
@@ -405,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     settings = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        settings = settings._replace(repeats=args.repeats)
     memory = not args.no_memory
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
