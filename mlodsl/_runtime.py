@@ -256,7 +256,8 @@ class Runtime:
         raw = torch.autograd.grad(seeded, diff, allow_unused=True)
         n = len(p.params)
         # no direct path (the loss reads θ_P only through lowers, as in MWN): the first method's
-        # result is the gradient, rather than zeros plus it
+        # result is the gradient, rather than zeros plus it (in one process: a distributed
+        # reduction keeps its one layout of direct gradient and seeds)
         no_direct = self.reduce is _as_is and bool(hp.visits) and all(g is None for g in raw[:n])
         if no_direct:
             direct, rest, loss = None, T.fill_none(raw[n:], diff[n:]), loss.detach()
@@ -299,7 +300,7 @@ class Runtime:
         loss = loss.detach()
         if self.checks == "log":
             ok = (T.nonfinite_flag(grads)[0] == 0) & torch.isfinite(loss).all()
-            all_ok, first = self._deferred.get(p.name, (torch.ones_like(ok), torch.full_like(loss, -1)))
+            all_ok, first = self._deferred.get(p.name, (torch.ones_like(ok), torch.full((), -1.0, device=loss.device)))
             first = torch.where(all_ok & ~ok, torch.full_like(first, step), first)
             self._deferred[p.name] = (all_ok & ok, first)
             return
