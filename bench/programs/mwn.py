@@ -50,8 +50,23 @@ def weighted(losses: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * losses).sum() / w.sum().clamp_min(1e-8)
 
 
-def build(side: str, method: str, sizes: Sizes = Sizes(), seed: int = 0, dtype: torch.dtype = torch.float32):
-    return {"hand": Hand, "mlodsl": build_mlodsl, "betty": build_betty}[side](method, parts(sizes, seed, dtype))
+def build(side: str, method: str, sizes: Sizes = Sizes(), seed: int = 0, dtype: torch.dtype = torch.float32,
+          device: str | None = None, **program):
+    """One side of the benchmark. ``device`` moves the modules and the data there first (the
+    GPU check, ``bench/gpu.py``); ``program`` are keyword arguments of mlodsl's ``Program``."""
+    p = parts(sizes, seed, dtype)
+    if device is not None:
+        p = on_device(p, torch.device(device))
+    if side == "mlodsl":
+        return build_mlodsl(method, p, **program)
+    return {"hand": Hand, "betty": build_betty}[side](method, p)
+
+
+def on_device(p: Parts, device: torch.device) -> Parts:
+    """The same parts with modules and data on ``device`` (before any optimizer exists)."""
+    for batches in (p.train, p.meta):
+        batches.x, batches.y = batches.x.to(device), batches.y.to(device)
+    return p._replace(net=p.net.to(device), wnet=p.wnet.to(device))
 
 
 # -- mlodsl ----------------------------------------------------------------------------------
@@ -70,7 +85,7 @@ def mlodsl_method(method: str):
             "cg": lambda: CG(iterations=CG_ITERATIONS), "itd": Unrolled}[method]()
 
 
-def build_mlodsl(method: str, p: Parts) -> MlodslRunner:
+def build_mlodsl(method: str, p: Parts, **program) -> MlodslRunner:
     from mlodsl import Program, problem
 
     @problem(module=p.wnet, optimizer=torch.optim.Adam(p.wnet.parameters(), lr=META_LR), data=p.meta)
@@ -85,7 +100,7 @@ def build_mlodsl(method: str, p: Parts) -> MlodslRunner:
         losses = F.cross_entropy(classifier(x), y, reduction="none")
         return weighted(losses, reweight(losses.detach()[:, None]).squeeze(1))
 
-    return MlodslRunner(Program([reweight, classifier]), {"reweight": p.wnet, "classifier": p.net})
+    return MlodslRunner(Program([reweight, classifier], **program), {"reweight": p.wnet, "classifier": p.net})
 
 
 # -- hand-written ----------------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""The GPU check of issue 7, as one prepared script: MWN on one CUDA device.
+
+    python bench/gpu.py                                  # on a machine with a GPU (a few minutes)
+    python bench/gpu.py --device cpu --rounds 2 --out /tmp/gpu.md   # a dry run of the script on CPU
+
+Sides, on the benchmark's MWN program (``bench/programs/mwn.py``: MLP 64-128-10,
+weight net 1-100-1, batch 64, one classifier step and one weight-net step per
+outer iteration), for each method:
+
+- ``hand``: the hand-written loop, eager;
+- ``mlodsl``: the program with the defaults (``checks="step"``: one read per step);
+- ``mlodsl, checks=log``: no host read in the hot loop;
+- ``mlodsl, compile``: ``Program(compile=True, checks="log")``, modules under
+  ``torch.compile`` (the issue asks for ≥ 2× the hand-written eager loop).
+
+Time per outer iteration is wall time between ``torch.cuda.synchronize()`` calls,
+median of ``--rounds`` interleaved blocks of ``--block`` iterations after
+``--warmup`` iterations (compilation happens in the warm-up); **× hand** is the
+median of the per-round ratios. Peak memory is ``torch.cuda.max_memory_allocated``
+over ``--block`` iterations of a fresh build of each side. The table goes between
+``<!-- gpu:begin -->`` and ``<!-- gpu:end -->`` of ``--out`` (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.programs import mwn  # noqa: E402
+
+BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+SIDES = {  # name -> (side, Program keyword arguments)
+    "hand": ("hand", {}),
+    "mlodsl": ("mlodsl", {}),
+    "mlodsl, checks=log": ("mlodsl", {"checks": "log"}),
+    "mlodsl, compile": ("mlodsl", {"checks": "log", "compile": True}),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(name: str, method: str, device: torch.device):
+    side, program = SIDES[name]
+    return mwn.build(side, method, device=str(device), **program)
+
+
+def timed(runner, n: int, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    runner.run(n)
+    sync(device)
+    return (time.perf_counter() - start) * 1000 / n
+
+
+def peak_mib(name: str, method: str, device: torch.device, n: int) -> float | None:
+    if device.type != "cuda":
+        return None
+    runner = build(name, method, device)
+    runner.run(2)
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    runner.run(n)
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def measure(method: str, device: torch.device, args: argparse.Namespace) -> list[list[str]]:
+    runners = {name: build(name, method, device) for name in SIDES}
+    for runner in runners.values():
+        runner.run(args.warmup)
+    ms: dict[str, list[float]] = {name: [] for name in SIDES}
+    names = list(SIDES)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            ms[name].append(timed(runners[name], args.block, device))
+    rows = []
+    for name in SIDES:
+        ratio = statistics.median(a / b for a, b in zip(ms[name], ms["hand"]))
+        peak = peak_mib(name, method, device, args.block)
+        rows.append([method, name, f"{statistics.median(ms[name]):.3f}", f"{ratio:.2f}",
+                     "–" if peak is None else f"{peak:.1f}"])
+        print(f"[gpu] {method} {name}: {statistics.median(ms[name]):.3f} ms, x hand {ratio:.2f}", flush=True)
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()})"
+
+
+def write(out: Path, text: str) -> None:
+    old = out.read_text() if out.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "# Benchmark results\n\n") + text + "\n"
+    out.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--methods", nargs="+", default=["fd", "neumann", "cg", "itd"])
+    parser.add_argument("--warmup", type=int, default=20, help="iterations before timing (compilation happens here)")
+    parser.add_argument("--block", type=int, default=50, help="iterations per timed block")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; use --device cpu for a dry run")
+    warnings.filterwarnings("ignore", module="mlodsl")
+    start = time.perf_counter()
+    rows = [row for method in args.methods for row in measure(method, device, args)]
+    command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = ("## GPU (issue 7)\n\n"
+            f"Produced by `{command.strip()}` in {(time.perf_counter() - start) / 60:.1f} min on "
+            f"{device_name(device)}, torch {torch.__version__}; MWN (`bench/programs/mwn.py`), float32. "
+            f"ms = wall time per outer iteration between CUDA synchronisations, median of {args.rounds} "
+            f"interleaved blocks of {args.block} iterations after {args.warmup} warm-up iterations; "
+            "× hand = median of the per-round ratios to the hand-written eager loop; peak MiB = "
+            "`torch.cuda.max_memory_allocated` above the allocation before the block.\n\n")
+    table = ["| method | side | ms / outer it. | × hand | peak MiB |", "| --- | --- | ---: | ---: | ---: |"]
+    table += ["| " + " | ".join(r) + " |" for r in rows]
+    write(args.out, f"{BEGIN}\n{head}" + "\n".join(table) + f"\n{END}")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
