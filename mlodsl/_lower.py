@@ -132,9 +132,7 @@ class LowerView:
                 loss = sum((self.loss(live=False, theta=theta, batch=b) for b in batches[1:]), loss) / len(batches)
             grads = T.fill_none(torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True), theta)
             grads = self.runtime.reduce(grads, "replay")  # the combined batch's g_t, differentiably
-            updated = [_unroll.update(kind, p, g, s, hp) for p, g, s, hp in zip(theta, grads, states, hps)]
-            theta = [u[0] for u in updated]
-            states = [u[1] for u in updated]
+            theta, states = _unroll.update_all(kind, theta, grads, states, hps)
         # how far the replay lands from Q's θ: a thunk, computed only when the diagnostic is read
         # (first step, log iterations: Q has not stepped since, as lowers step before their uppers)
         replayed, params = [t.detach() for t in theta], self.params

@@ -46,6 +46,61 @@ def update(kind: type, theta: torch.Tensor, grad: torch.Tensor, state: State, hp
     return _adam(theta, grad, state, hp)
 
 
+def update_all(kind: type, thetas: list[torch.Tensor], grads: list[torch.Tensor], states: list[State],
+               hps: list[dict]) -> tuple[list[torch.Tensor], list[State]]:
+    """:func:`update` for every parameter: SGD whose parameters share one setting (one param
+    group) is done with ``torch._foreach_*`` kernels (differentiable, the same arithmetic as
+    :func:`_sgd` element by element); anything else parameter by parameter."""
+    if all(h == hps[0] for h in hps[1:]):
+        if kind is torch.optim.SGD:
+            bufs = [st.get("momentum_buffer") for st in states]
+            if all(b is None for b in bufs) or all(b is not None for b in bufs):
+                return _sgd_all(thetas, grads, states, bufs, hps[0])
+        elif not hps[0].get("amsgrad") and len({float(st.get("step", 0.0)) for st in states}) == 1:
+            return _adam_all(thetas, grads, states, hps[0])
+    updated = [update(kind, p, g, s, hp) for p, g, s, hp in zip(thetas, grads, states, hps)]
+    return [u[0] for u in updated], [u[1] for u in updated]
+
+
+def _sgd_all(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[State], bufs: list, hp: dict
+             ) -> tuple[list[torch.Tensor], list[State]]:
+    d = list(torch._foreach_neg(gs)) if hp.get("maximize") else list(gs)
+    if hp["weight_decay"]:
+        d = list(torch._foreach_add(d, torch._foreach_mul(ps, hp["weight_decay"])))
+    momentum = hp["momentum"]
+    if momentum:
+        if bufs[0] is None:
+            new = d
+        else:
+            new = list(torch._foreach_add(torch._foreach_mul(bufs, momentum),
+                                          torch._foreach_mul(d, 1 - hp["dampening"])))
+        sts = [{**st, "momentum_buffer": b} for st, b in zip(sts, new)]
+        d = list(torch._foreach_add(d, torch._foreach_mul(new, momentum))) if hp["nesterov"] else new
+    return list(torch._foreach_sub(ps, torch._foreach_mul(d, hp["lr"]))), sts
+
+
+def _adam_all(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[State], hp: dict
+              ) -> tuple[list[torch.Tensor], list[State]]:
+    """:func:`_adam` for parameters sharing one setting and one step count, op for op."""
+    beta1, beta2 = hp["betas"]
+    lr, wd = hp["lr"], hp["weight_decay"]
+    g = list(torch._foreach_neg(gs)) if hp.get("maximize") else list(gs)
+    step = float(sts[0].get("step", 0.0)) + 1.0
+    if wd:
+        if hp.get("decoupled_weight_decay", False):
+            ps = list(torch._foreach_mul(ps, 1 - lr * wd))
+        else:
+            g = list(torch._foreach_add(g, torch._foreach_mul(ps, wd)))
+    m0 = [st.get("exp_avg", torch.zeros_like(p)) for st, p in zip(sts, ps)]
+    v0 = [st.get("exp_avg_sq", torch.zeros_like(p)) for st, p in zip(sts, ps)]
+    m = torch._foreach_add(m0, torch._foreach_mul(torch._foreach_sub(g, m0), 1 - beta1))
+    v = torch._foreach_add(torch._foreach_mul(v0, beta2), torch._foreach_mul(torch._foreach_mul(g, 1 - beta2), g))
+    new = [{**st, "step": step, "exp_avg": a, "exp_avg_sq": b} for st, a, b in zip(sts, m, v)]
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    denom = torch._foreach_add(torch._foreach_div([_safe_sqrt(x) for x in v], bc2 ** 0.5), hp["eps"])
+    return list(torch._foreach_sub(ps, torch._foreach_div(torch._foreach_mul(m, lr / bc1), denom))), new
+
+
 def _sgd(p: torch.Tensor, g: torch.Tensor, st: State, hp: dict) -> tuple[torch.Tensor, State]:
     d = -g if hp.get("maximize") else g
     if hp["weight_decay"]:
