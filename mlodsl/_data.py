@@ -11,6 +11,15 @@ and a retry sees the same batches. A draw that started a new pass also used
 torch's generator (the loader's seeds); the step's rollback restores the
 generator, so giving such a batch back also replays that use, and the retry
 draws the same dropout masks as an uninterrupted run.
+
+With a ``stage`` (:mod:`mlodsl._prefetch`: on CUDA, a copy to the device on a
+side stream), each draw also draws the next batch of the same pass and starts
+moving it, so the copy overlaps the step. The batch drawn ahead is not yet
+consumed: the position, the marks and checkpoints count it only once it is
+taken, a rewind leaves it to come after the batches given back, and nothing is
+drawn ahead across the end of a pass (a new pass draws the loader's seeds from
+torch's generator, which must happen when the batch is taken). So the batches,
+their order and a checkpoint's position are the same with or without it.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ class Batches:
         self._started = False
         self._journal: list[_Draw] | None = None  # draws since mark()
         self._given_back: list[_Draw] = []       # batches of a rolled-back step, drawn first
+        self.stage: Any = None                   # a _prefetch stage: draw the next batch ahead
+        self._ahead: _Draw | None = None         # drawn ahead and being moved; not yet taken
 
     def next(self) -> Any:
         if self.data is None:
@@ -63,6 +74,10 @@ class Batches:
             self._set(draw.after)
             if draw.rng_after is not None:  # the original draw started a pass: replay its use of the RNG
                 torch.set_rng_state(draw.rng_after)
+        elif self._ahead is not None:
+            draw, self._ahead = self._ahead, None
+            draw = draw._replace(batch=self.stage.finish(draw.batch))
+            self._set(draw.after)
         else:
             pass_before = self._rng
             batch = self._draw()
@@ -70,7 +85,22 @@ class Batches:
             draw = _Draw(batch, self._mark(), torch.get_rng_state() if used_rng else None)
         if self._journal is not None:
             self._journal.append(draw)
+        if self.stage is not None and not self._given_back and self._ahead is None:
+            self._draw_ahead()
         return draw.batch
+
+    def _draw_ahead(self) -> None:
+        """Draw the next batch of this pass and start moving it (not across a pass's end)."""
+        try:
+            left = len(self.data) - self.position
+        except TypeError:  # no length: where the pass ends is unknown
+            return
+        if left <= 0 or self._it is None:
+            return
+        taken = self._mark()
+        batch = self._draw()
+        self._ahead = _Draw(self.stage.start(batch), self._mark())
+        self._set(taken)
 
     def _draw(self) -> Any:
         if self._it is None:
@@ -130,7 +160,7 @@ class Batches:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.epoch, self.position = sd["epoch"], 0
         self._it = None
-        self._given_back, self._journal = [], None
+        self._given_back, self._journal, self._ahead = [], None, None
         self._started = sd["started"]
         if self.data is None or not sd["started"]:
             return

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from compiler import Graph, Plan, compile_specs, errors
-from mlodsl import _checkpoint, _compile, _distributed
+from mlodsl import _checkpoint, _compile, _distributed, _prefetch
 from mlodsl._check import public
 from mlodsl._collect import collect
 from mlodsl._loop import EarlyStopping, History, Loop
@@ -33,6 +33,8 @@ class Program:
     the previous ``run`` stopped.
 
     ``device`` moves every module (and each batch, as it is drawn) to a device;
+    on CUDA the next batch of each problem is drawn and copied on a side stream
+    while the current step runs (``prefetch=False`` turns that off);
     ``precision`` ("fp32", "bf16", "fp16") evaluates losses under autocast;
     ``seed`` seeds torch, Python and NumPy (set it before building modules for
     full determinism); ``nan_policy`` says what a non-finite loss or gradient
@@ -61,7 +63,8 @@ class Program:
                  solvers: Literal["warn", "raise", "off"] = "warn",
                  checks: Literal["step", "log"] = "step", distributed: bool | None = None,
                  distributed_hypergrad: Literal["exact", "local"] = "exact",
-                 shard_optimizer: bool = False, compile: bool | dict[str, Any] = False) -> None:
+                 shard_optimizer: bool = False, compile: bool | dict[str, Any] = False,
+                 prefetch: bool = True) -> None:
         self.problems = tuple(problems)
         for p in self.problems:
             p.refresh_params()
@@ -83,6 +86,9 @@ class Program:
             raise errors.UsageError("Program(): nan_policy='skip' needs checks='step' (a step can only be "
                                     "skipped when its verdict is read before the update).")
         self._runtime.checks = checks
+        stage = _prefetch.stage_for(dev, prefetch)
+        for st in self._runtime.state.values():
+            st.batches.stage = stage
         if compile:
             _compile.apply(self.problems, compile if isinstance(compile, dict) else {})
             self._runtime.compiled = True
