@@ -35,8 +35,8 @@ SEEDS = ["--seeds", "0", "1", "2"]
 TABLES: dict[str, tuple[str, list[str]]] = {
     "data_reweighting": ("Data reweighting (Meta-Weight-Net)", [
         "--settings", "lt10", "lt50", "lt100", "noise20", "noise40",
-        "--methods", "ce", "cb", "ce+meta", "mwn-fd-1", "mwn-fdh-1", "mwn-neumann-1", "mwn-cg-1", "mwn-itd-1",
-        "mwn-fd-5", "mwn-fdh-5", "mwn-neumann-5", "mwn-cg-5", "mwn-itd-5", "cmwn-neumann-1", *SEEDS]),
+        "--methods", "ce", "cb", "ce+meta", "mwn-fd-1", "mwn-fdp-1", "mwn-neumann-1", "mwn-cg-1", "mwn-itd-1",
+        "mwn-fd-5", "mwn-fdp-5", "mwn-neumann-5", "mwn-cg-5", "mwn-itd-5", "cmwn-neumann-1", *SEEDS]),
     "architecture_search": ("Architecture search (DARTS-style)", [
         "--methods", "first_order-1", "first_order-3", "fd-1", "fd-3", "random", *SEEDS]),
     "domain_adaptation": ("Domain adaptation (pretrain → finetune → reweight)", [

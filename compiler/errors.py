@@ -128,11 +128,12 @@ LOSS_NOT_DIFFERENTIABLE = (
 
 HELD_DETACH_MISMATCH = (
     "the loss of {name!r} ({loc}) called .detach() {got} at θ ± εv but {expected} at θ, so "
-    "FiniteDifference(hold_detached=True) cannot match the values it holds.\n"
-    "Rule: with hold_detached=True, the loss must call .detach() the same number of times, on "
-    "tensors of the same shapes, at every evaluation.\n"
+    "FiniteDifference, which holds each detached value at its value at θ, cannot match them.\n"
+    "Rule: to hold detached values (hold_detached=\"auto\", the default, or True), the loss must "
+    "call .detach() the same number of times, on tensors of the same shapes, at every evaluation.\n"
     "Fix: make the detached values independent of θ's exact value (no data-dependent branches "
-    "around .detach()), or use FiniteDifference() without hold_detached, Neumann or CG."
+    "around .detach()), or use FiniteDifference(hold_detached=False) (which also differentiates "
+    "through the detached values), Neumann or CG."
 )
 
 ESCAPED_REFERENCE = (

@@ -26,12 +26,14 @@ long-tailed training sets (imbalance factors 10, 50, 100) and balanced ones
 with 20% or 40% uniform label noise. Baselines: plain cross-entropy
 (``ce``), class-balanced weights ∝ 1/n_c (``cb``), and cross-entropy with the
 meta set added to the training data (``ce+meta``). MWN runs as
-``mwn-<method>-<steps>`` with method ``fd``, ``fdh``, ``neumann``, ``cg`` or
-``itd`` and ``steps`` classifier steps per weight-net step. ``fdh`` is finite
-differences holding the detached values (``FiniteDifference(hold_detached=True)``):
-plain ``fd`` re-evaluates the loss at θ ± εv, where the weight net's input
-``losses.detach()`` moves with θ, so it also differentiates that path (which
-the loss detaches, and the other methods do not; ``bench/fd_detach.py``). ``cmwn-<method>-<steps>`` is a
+``mwn-<method>-<steps>`` with method ``fd``, ``fdp``, ``neumann``, ``cg`` or
+``itd`` and ``steps`` classifier steps per weight-net step. ``fd`` is
+``FiniteDifference()``, which gives the weight net's input ``losses.detach()``
+its value at θ in both perturbed evaluations (as autograd treats a detached
+value); ``fdp`` is the plain formula (``FiniteDifference(hold_detached=False)``,
+DARTS' and Betty's), which re-evaluates the loss at θ ± εv, where that input
+moves with θ, so it also differentiates the path the loss detaches
+(``bench/fd_detach.py``). ``cmwn-<method>-<steps>`` is a
 class-aware variant whose weight net also sees the label (11-100-1), and
 ``--augment`` translates training images by up to one pixel.
 
@@ -65,9 +67,9 @@ SETTINGS = {"lt10": ("long_tail", 10.0), "lt50": ("long_tail", 50.0), "lt100": (
 MILESTONES = {"long_tail": (0.8, 0.9), "noise": (0.9, 0.95)}
 META_LR_PER_STEP = 2e-4  # the weight net's Adam lr per classifier step: steps × this per weight-net step
 BASELINES = ("ce", "cb", "ce+meta")
-MWN = tuple(f"mwn-{m}-{s}" for s in (1, 5) for m in ("fd", "fdh", "neumann", "cg", "itd"))
+MWN = tuple(f"mwn-{m}-{s}" for s in (1, 5) for m in ("fd", "fdp", "neumann", "cg", "itd"))
 METHODS = BASELINES + MWN
-HYPERGRADS = {"fd": lambda cfg: FiniteDifference(), "fdh": lambda cfg: FiniteDifference(hold_detached=True),
+HYPERGRADS = {"fd": lambda cfg: FiniteDifference(), "fdp": lambda cfg: FiniteDifference(hold_detached=False),
               "neumann": lambda cfg: Neumann(iterations=3),
               "cg": lambda cfg: CG(iterations=3, damping=cfg.cg_damping), "itd": lambda cfg: Unrolled()}
 

@@ -78,12 +78,20 @@ class LowerView:
     def grad_graph(self) -> GradGraph:
         return GradGraph(self)
 
-    def detached_values(self) -> list[torch.Tensor]:
-        """What the loss of Q detaches when evaluated at θ (for ``FiniteDifference(hold_detached=True)``)."""
+    def detached_values(self, probe: bool = False) -> list[torch.Tensor] | None:
+        """What the loss of Q detaches when evaluated at θ, in call order (for ``FiniteDifference``
+        holding them). With ``probe``, None once a first evaluation found that it detaches nothing
+        (so such a loss is evaluated once more only at its first hypergradient)."""
+        st = self.runtime.state[self.name]
+        if probe and st.detaches is False:
+            return None
         self.runtime.count("held_eval")
         mode = _HeldDetach(self.problem)
         with torch.no_grad(), mode:
             self.loss(live=False)
+        if probe:
+            st.detaches = bool(mode.values)
+            return mode.values or None
         return mode.values
 
     def input_grads(self, theta: T.Vec, held: list[torch.Tensor] | None = None) -> list[T.Vec]:

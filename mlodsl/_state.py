@@ -67,6 +67,7 @@ class ProblemState:
         self.window: Window | None = None     # the last complete round (+ the round in progress)
         self.pending: Window | None = None
         self.round_start: Snapshot | None = None
+        self.detaches: bool | None = None  # whether the loss calls .detach() (probed by FiniteDifference)
         self.steps_key = f"steps/{problem.name}"          # the runtime's counters, keyed once
         self.calls_key = f"method_calls/{problem.name}"
 

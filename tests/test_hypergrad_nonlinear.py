@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from mlodsl import Program, ProblemError, problem
+from mlodsl import Program, ProblemError, UsageError, problem
 from mlodsl.hypergrad import CG, FiniteDifference, Neumann
 from tests.quadratic import DT
 
@@ -165,8 +165,10 @@ def test_fd_holding_detached_values_matches_the_autograd_formula():
 
     exact = gradient(Neumann(iterations=0))
     held = gradient(FiniteDifference(eps=1e-4, hold_detached=True))
-    plain = gradient(FiniteDifference(eps=1e-4))
+    auto = gradient(FiniteDifference(eps=1e-4))  # the default, hold_detached="auto", holds them here
+    plain = gradient(FiniteDifference(eps=1e-4, hold_detached=False))
     assert torch.allclose(held, exact, rtol=1e-6, atol=1e-9), (held, exact)
+    assert torch.equal(auto, held)
     assert (plain - exact).norm() > 1e-3 * exact.norm()  # the path through the detached input
 
 
@@ -174,3 +176,19 @@ def test_fd_holding_detached_values_costs_one_more_evaluation():
     program = make_detached(FiniteDifference(hold_detached=True))
     program.run(iterations=3, progress=False)
     assert program.stats["held_eval"] == 3 and program.stats["grad_eval"] == 6
+
+
+def test_fd_by_default_probes_once_and_holds_only_what_is_detached():
+    """hold_detached="auto": a loss that detaches nothing is evaluated once more at its first
+    hypergradient only; a loss that detaches is held at every hypergradient."""
+    plain, _, _ = make(FiniteDifference())
+    plain.run(iterations=4, progress=False)
+    assert plain.stats["held_eval"] == 1 and plain.stats["grad_eval"] == 8
+    detaching = make_detached(FiniteDifference())
+    detaching.run(iterations=4, progress=False)
+    assert detaching.stats["held_eval"] == 4 and detaching.stats["grad_eval"] == 8
+
+
+def test_fd_hold_detached_rejects_other_values():
+    with pytest.raises(UsageError, match=r"hold_detached='yes'.*\"auto\", True or False"):
+        FiniteDifference(hold_detached="yes")

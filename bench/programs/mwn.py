@@ -81,7 +81,9 @@ class MlodslRunner:
 def mlodsl_method(method: str):
     from mlodsl.hypergrad import CG, FiniteDifference, Neumann, Unrolled
 
-    return {"fd": lambda: FiniteDifference(eps=FD_EPS), "neumann": lambda: Neumann(iterations=NEUMANN_ITERATIONS),
+    # fd: the plain DARTS formula (every value re-evaluated at θ ± εv), as the hand-written loop and
+    # Betty compute it; mlodsl's default would also hold what the loss detaches (one more forward)
+    return {"fd": lambda: FiniteDifference(eps=FD_EPS, hold_detached=False), "neumann": lambda: Neumann(iterations=NEUMANN_ITERATIONS),
             "cg": lambda: CG(iterations=CG_ITERATIONS), "itd": Unrolled}[method]()
 
 

@@ -36,7 +36,7 @@ class Lower(Protocol):
 
     def grad_graph(self) -> GradGraph: ...
     def input_grads(self, theta: T.Vec, held: list[torch.Tensor] | None = None) -> list[T.Vec]: ...  # ∇_x C_Q(θ, x)
-    def detached_values(self) -> list[torch.Tensor]: ...     # what C_Q(θ, x) detaches, in call order
+    def detached_values(self, probe: bool = False) -> list[torch.Tensor] | None: ...  # what C_Q(θ, x) detaches
     def unrolled_vjp(self, v: T.Vec) -> list[T.Vec]: ...      # (∂θ_T/∂x)ᵀ v through the last updates
     def record(self, key: str, value: torch.Tensor | float) -> None: ...
     def zeros_for_inputs(self) -> list[T.Vec]: ...
@@ -131,19 +131,27 @@ class FiniteDifference:
     Two gradient evaluations and no Hessian-vector product; the one-step
     unrolled approximation of the best-response Jacobian.
 
-    FD evaluates the loss at θ ± εv, so it also differentiates through values the
-    loss detaches (a weight net reading ``losses.detach()``): autograd-based methods
-    do not. ``hold_detached=True`` makes FD agree with them: one more evaluation at θ
-    (without a graph) records what each ``.detach()`` returns, and the two perturbed
-    evaluations get those values back.
+    A ``.detach()`` in C_Q means "a constant at θ" to autograd, so the mixed derivative
+    this formula approximates holds detached values fixed. Evaluating the loss at θ ± εv
+    would move them too (a weight net reading ``losses.detach()`` would be differentiated
+    through its own input), so FD gives each ``.detach()`` of the two perturbed
+    evaluations the value it has at θ, recorded by one more evaluation at θ without a
+    graph. Then FD and ``Neumann(iterations=0)`` compute the same −α (∂²C_Q/∂x∂θ_Q) v.
+
+    ``hold_detached``: ``"auto"`` (the default) probes Q's loss at its first hypergradient
+    and holds only if the loss detaches something (a loss that detaches nothing costs that
+    one probe, once); ``True`` always holds; ``False`` is the plain formula with every
+    value re-evaluated at θ ± εv (what DARTS' and Betty's code compute).
     """
 
     eps: float = field(default=0.01, validator=_check("a number > 0", lambda v: _is_number(v) and v > 0))
-    hold_detached: bool = field(default=False, validator=_check("True or False", lambda v: isinstance(v, bool)))
+    hold_detached: bool | str = field(default="auto", validator=_check(
+        '"auto", True or False', lambda v: isinstance(v, bool) or v == "auto"))
     name: ClassVar[str] = "fd"
 
     def __repr__(self) -> str:
-        return f"FiniteDifference(eps={self.eps!r}{', hold_detached=True' if self.hold_detached else ''})"
+        hold = "" if self.hold_detached == "auto" else f", hold_detached={self.hold_detached!r}"
+        return f"FiniteDifference(eps={self.eps!r}{hold})"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
         # ε as a tensor: no host sync. v = 0 gives θ ± 0 and a zero difference, so a zero result.
@@ -152,7 +160,7 @@ class FiniteDifference:
         with torch.no_grad():
             plus = T.add(lower.params, v, eps)
             minus = T.add(lower.params, v, -eps)
-        held = lower.detached_values() if self.hold_detached else None
+        held = lower.detached_values(probe=self.hold_detached == "auto") if self.hold_detached else None
         g_plus, g_minus = lower.input_grads(plus, held), lower.input_grads(minus, held)
         coef = eps.reciprocal().mul_(-0.5 * lower.lr)  # −α / 2ε
         return [T.scale(T.add(a, b, -1.0), coef) for a, b in zip(g_plus, g_minus)]
