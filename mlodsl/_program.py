@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from compiler import Graph, Plan, compile_specs, errors
-from mlodsl import _checkpoint, _compile, _distributed, _prefetch
+from mlodsl import _checkpoint, _compile, _distributed, _fuse, _prefetch
 from mlodsl._check import public
 from mlodsl._collect import collect
 from mlodsl._loop import EarlyStopping, History, Loop
@@ -45,7 +45,10 @@ class Program:
     of ``run`` ("log": no host sync in the hot loop; a failure is reported
     late and not rolled back). ``compile=True`` (or a dict of ``torch.compile``
     options) compiles every module; if compilation fails the step is retried
-    eagerly and the program goes on without it.
+    eagerly and the program goes on without it. ``fuse_updates`` (on by default)
+    gives torch's optimizers, where their settings are left at the defaults,
+    their fused or foreach update (the same arithmetic, fewer kernels:
+    ``mlodsl._fuse``); ``program.fused`` lists what it set.
 
     Under ``torchrun`` (or an initialized process group; ``distributed=True``
     requires one, ``False`` ignores it) the program is data parallel: each
@@ -64,7 +67,7 @@ class Program:
                  checks: Literal["step", "log"] = "step", distributed: bool | None = None,
                  distributed_hypergrad: Literal["exact", "local"] = "exact",
                  shard_optimizer: bool = False, compile: bool | dict[str, Any] = False,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, fuse_updates: bool = True) -> None:
         self.problems = tuple(problems)
         for p in self.problems:
             p.refresh_params()
@@ -78,6 +81,7 @@ class Program:
         if dev is not None:
             for p in self.problems:
                 p.module.to(dev)
+        self.fused: dict[str, str] = _fuse.fuse_updates(self.problems) if fuse_updates else {}
         self._runtime = Runtime(self.plan, {p.name: p for p in self.problems}, reach,
                                 device=dev, autocast=PRECISIONS[precision])
         self._runtime.guard.nan_policy = nan_policy

@@ -186,8 +186,8 @@ class Runtime:
     def _apply(self, st: ProblemState, grads: T.Vec) -> None:
         """Clip, step the optimizer and the scheduler; keep the gradient for its norm (no sync)."""
         p = st.problem
-        for t, g in zip(p.params, grads):
-            t.grad = g.detach() if g.requires_grad else g
+        for t, g in zip(p.params, grads):  # contiguous: torch's fused CPU kernels misread strided grads
+            t.grad = (g.detach() if g.requires_grad else g).contiguous()
         if p.options.clip_grad_norm is not None:
             st.grad_norm = T.norm(grads)  # before clipping, as torch's clip_grad_norm_ reports it
             torch.nn.utils.clip_grads_with_norm_(p.params, p.options.clip_grad_norm, st.grad_norm)
