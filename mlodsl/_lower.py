@@ -94,30 +94,35 @@ class LowerView:
             return mode.values or None
         return mode.values
 
-    def input_grads(self, theta: T.Vec, held: list[torch.Tensor] | None = None) -> list[T.Vec]:
-        """∇_x C_Q(theta, x). ``theta`` is copied into Q's parameters for the evaluation and θ is
-        put back exactly afterwards (as DARTS' code does): cheaper than re-parametrizing the
-        module, and safe here, as no live graph holds θ_Q while a method runs. With ``held``
-        (:meth:`detached_values`), the loss's ``.detach()`` calls return those values."""
-        self.runtime.count("grad_eval")
+    def input_grads(self, thetas: list[T.Vec], held: list[torch.Tensor] | None = None) -> list[list[T.Vec]]:
+        """∇_x C_Q(θ', x) for each θ' in ``thetas``. Each θ' is copied into Q's parameters for its
+        evaluation and θ is put back exactly afterwards, once (as DARTS' code does): cheaper than
+        re-parametrizing the module, and safe here, as no live graph holds θ_Q while a method
+        runs. With ``held`` (:meth:`detached_values`), the loss's ``.detach()`` calls return those
+        values."""
         params = self.params
         with torch.no_grad():
-            saved = torch._foreach_mul(params, 1.0)
-            torch._foreach_copy_(params, theta)
+            saved = [t.detach().clone() for t in params]
         try:
-            if held is None:
-                loss = self.loss(live=False)
-            else:
-                mode = _HeldDetach(self.problem, held)
-                with mode:
-                    loss = self.loss(live=False)
-                mode.check_all_used()
-            if not loss.requires_grad:
-                return self.zeros_for_inputs()
-            grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
+            return [self._input_grads_here(theta, held) for theta in thetas]
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, saved)
+
+    def _input_grads_here(self, theta: T.Vec, held: list[torch.Tensor] | None) -> list[T.Vec]:
+        self.runtime.count("grad_eval")
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, theta)
+        if held is None:
+            loss = self.loss(live=False)
+        else:
+            mode = _HeldDetach(self.problem, held)
+            with mode:
+                loss = self.loss(live=False)
+            mode.check_all_used()
+        if not loss.requires_grad:
+            return self.zeros_for_inputs()
+        grads = torch.autograd.grad(loss, self.flat_inputs, allow_unused=True)
         return T.split(self.runtime.reduce(T.fill_none(grads, self.flat_inputs), "product"), self.sizes)
 
     def zeros_for_inputs(self) -> list[T.Vec]:

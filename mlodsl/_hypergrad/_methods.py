@@ -35,7 +35,8 @@ class Lower(Protocol):
     lr: float
 
     def grad_graph(self) -> GradGraph: ...
-    def input_grads(self, theta: T.Vec, held: list[torch.Tensor] | None = None) -> list[T.Vec]: ...  # ∇_x C_Q(θ, x)
+    def input_grads(self, thetas: list[T.Vec], held: list[torch.Tensor] | None = None
+                    ) -> list[list[T.Vec]]: ...  # ∇_x C_Q(θ', x) for each θ'; θ put back
     def detached_values(self, probe: bool = False) -> list[torch.Tensor] | None: ...  # what C_Q(θ, x) detaches
     def unrolled_vjp(self, v: T.Vec) -> list[T.Vec]: ...      # (∂θ_T/∂x)ᵀ v through the last updates
     def record(self, key: str, value: torch.Tensor | float) -> None: ...
@@ -158,10 +159,10 @@ class FiniteDifference:
         eps = T.norm(v).clamp_min(torch.finfo(v[0].dtype).tiny).reciprocal().mul_(self.eps)
         lower.record("fd_epsilon", eps)
         with torch.no_grad():
-            plus = T.add(lower.params, v, eps)
-            minus = T.add(lower.params, v, -eps)
+            step = T.scale(v, eps)
+            plus, minus = T.add(lower.params, step), T.add(lower.params, step, -1.0)
         held = lower.detached_values(probe=self.hold_detached == "auto") if self.hold_detached else None
-        g_plus, g_minus = lower.input_grads(plus, held), lower.input_grads(minus, held)
+        g_plus, g_minus = lower.input_grads([plus, minus], held)
         coef = eps.reciprocal().mul_(-0.5 * lower.lr)  # −α / 2ε
         return [T.scale(T.add(a, b, -1.0), coef) for a, b in zip(g_plus, g_minus)]
 
