@@ -70,6 +70,11 @@ def add(a: Vec, b: Vec, alpha: float | torch.Tensor = 1.0) -> Vec:
     return list(torch._foreach_add(a, b, alpha=alpha))
 
 
+def sub(a: Vec, b: Vec, alpha: torch.Tensor) -> Vec:
+    """a - alpha * b for a tensor ``alpha`` (no negation kernel for it)."""
+    return list(torch._foreach_sub(a, torch._foreach_mul(b, alpha)))
+
+
 def scale(a: Vec, alpha: float | torch.Tensor) -> Vec:
     return list(torch._foreach_mul(a, alpha))
 

@@ -47,7 +47,7 @@ def conjugate_gradient(hvp: HVP, v: T.Vec, iterations: int, damping: float) -> t
         # (and + tiny changes no denominator that is not itself within rounding of zero)
         step = rs / (dad + tiny)
         x = T.add(x, d, step)
-        r = T.add(r, ad, -step)
+        r = T.sub(r, ad, step)
         rs_new = T.sqnorm(r)
         d = T.add(r, d, rs_new / (rs + tiny))
         rs = rs_new
