@@ -7,7 +7,7 @@ the markers ``<!-- begin examples:NAME -->`` and ``<!-- end examples:NAME -->``
 of examples/RESULTS.md. Everything outside the markers (other sections, notes
 under the tables) is left as it is; a missing section or block is appended.
 
-    python bench/examples.py                          # every table (about 45 min on one CPU core)
+    python bench/examples.py                          # every table (about 30 min on one CPU core)
     python bench/examples.py maml domain_adaptation   # some of them
     python bench/examples.py --dry-run                # print the commands only
     python bench/examples.py --snapshot               # against the committed library only
@@ -60,7 +60,7 @@ run (`tracemalloc` cannot see PyTorch's tensors); **time** is
 `time.perf_counter` wall time of one training run, averaged over seeds (and
 settings). One intra-op thread, CPU only, on a shared 2-core machine:
 times are noisy (±30%) and only comparable within a table. The whole set is
-`python bench/examples.py --snapshot` (43 min here: the sum of the five commands' times below); `--snapshot` imports
+`python bench/examples.py --snapshot` (26 min here: the sum of the five commands' times below); `--snapshot` imports
 mlodsl from its committed files (`git archive HEAD`), so that edits made in
 the working tree during a long run cannot change the numbers.
 """
