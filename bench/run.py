@@ -101,7 +101,7 @@ class Timing(NamedTuple):
     wall_ms: float       # median wall ms per outer iteration
     ratio: float | None  # median over rounds of (this side / hand), CPU time
     block: int           # iterations per timed block
-    rounds: tuple[float, ...] = ()  # CPU ms per iteration of each round's block, in round order
+    rounds: tuple[float, ...]  # CPU ms per iteration of each round's block, in round order
 
 
 class Row(NamedTuple):
