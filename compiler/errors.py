@@ -351,3 +351,10 @@ DEFERRED_NOT_FINITE = (
     "Fix: load the last checkpoint and lower the learning rate or clip gradients; use "
     "checks='step' (the default) to stop at the failing step with nothing lost."
 )
+
+GRAPHS_OFF = (
+    "CUDA graphs are off for this program: {why}.\n"
+    "It goes on without them, step by step (compiled, if compile= says so), with the same results.\n"
+    "Fix: to get the graphs, remove what is named above from the steps; to silence this, pass "
+    "cuda_graphs=False to Program()."
+)

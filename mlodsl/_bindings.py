@@ -131,8 +131,10 @@ class _RngFork:
 
     def __init__(self, table: Mapping[Problem, Any]) -> None:
         self.cpu = torch.default_generator.get_state()
+        # (not while a CUDA graph is captured: it may not set the generator, and the capture
+        # went ahead only because the probe saw no random numbers drawn in a fork, mlodsl._graphs)
         self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(table)] \
-            if torch.cuda.is_initialized() else ()
+            if torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing() else ()
 
     def restore(self) -> None:
         torch.default_generator.set_state(self.cpu)

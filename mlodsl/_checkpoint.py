@@ -80,6 +80,8 @@ def load_state_dict(program: Program, sd: dict[str, Any], path: str = "<state_di
             p.scheduler.load_state_dict(entry["scheduler"])
     _runtime.load_state_dict(program._runtime, sd["runtime"])
     _set_rng_state(sd["rng"])
+    if program._runtime.graphs is not None:  # the optimizers hold new tensors: capture again
+        program._runtime.graphs.reset()
 
 
 def save(obj: Any, path: str | os.PathLike) -> Path:

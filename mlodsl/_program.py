@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from compiler import Graph, Plan, compile_specs, errors
-from mlodsl import _checkpoint, _compile, _distributed, _fuse, _prefetch
+from mlodsl import _checkpoint, _compile, _distributed, _fuse, _graphs, _prefetch
 from mlodsl._check import public
 from mlodsl._collect import collect
 from mlodsl._loop import EarlyStopping, History, Loop
@@ -45,7 +45,11 @@ class Program:
     of ``run`` ("log": no host sync in the hot loop; a failure is reported
     late and not rolled back). ``compile=True`` (or a dict of ``torch.compile``
     options) compiles every module; if compilation fails the step is retried
-    eagerly and the program goes on without it. ``fuse_updates`` (on by default)
+    eagerly and the program goes on without it. On CUDA it also captures each
+    iteration in a CUDA graph once the program is warm and replays it
+    (``mlodsl._graphs``; ``cuda_graphs=False`` turns that off, and
+    ``program.cuda_graphs`` says what was captured, or why not); ``checks``
+    then defaults to "log", since a graph cannot read each step's verdict. ``fuse_updates`` (on by default)
     gives torch's optimizers, where their settings are left at the defaults,
     their fused or foreach update (the same arithmetic, fewer kernels:
     ``mlodsl._fuse``); ``program.fused`` lists what it set.
@@ -64,10 +68,10 @@ class Program:
                  precision: Literal["fp32", "bf16", "fp16"] = "fp32", seed: int | None = None,
                  nan_policy: Literal["raise", "skip"] = "raise",
                  solvers: Literal["warn", "raise", "off"] = "warn",
-                 checks: Literal["step", "log"] = "step", distributed: bool | None = None,
+                 checks: Literal["step", "log"] | None = None, distributed: bool | None = None,
                  distributed_hypergrad: Literal["exact", "local"] = "exact",
                  shard_optimizer: bool = False, compile: bool | dict[str, Any] = False,
-                 prefetch: bool = True, fuse_updates: bool = True) -> None:
+                 prefetch: bool = True, fuse_updates: bool = True, cuda_graphs: bool | None = None) -> None:
         self.problems = tuple(problems)
         for p in self.problems:
             p.refresh_params()
@@ -86,6 +90,13 @@ class Program:
                                 device=dev, autocast=PRECISIONS[precision])
         self._runtime.guard.nan_policy = nan_policy
         self._runtime.solver_policy = solvers
+        on_cuda = dev is not None and dev.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise errors.UsageError("Program(): cuda_graphs=True needs device='cuda' (a CUDA graph holds GPU "
+                                    "work). Fix: pass device='cuda', or leave cuda_graphs out.")
+        graphs = bool(compile) and on_cuda if cuda_graphs is None else cuda_graphs
+        if checks is None:
+            checks = "log" if graphs and nan_policy == "raise" else "step"
         if checks == "log" and nan_policy == "skip":
             raise errors.UsageError("Program(): nan_policy='skip' needs checks='step' (a step can only be "
                                     "skipped when its verdict is read before the update).")
@@ -98,6 +109,8 @@ class Program:
             self._runtime.compiled = True
         if self._dist is not None:
             self._dist.attach(self._runtime, shard_optimizer)
+        if graphs:
+            _graphs.attach(self._runtime, _graphs.CudaGraphs(dev), compile if isinstance(compile, dict) else {})
         self._ranks_checked = self._dist is None  # parameters identical on every rank (at the first run)
 
     @public
@@ -151,6 +164,13 @@ class Program:
         if self._dist is not None:
             self._dist.broadcast_parameters(self.problems)
             self._ranks_checked = True
+
+    @property
+    def cuda_graphs(self) -> dict[str, Any] | None:
+        """The captured iterations (positions in the period), replays so far, and why graphs are
+        off (None while they are on); None when the program does not use graphs."""
+        graphs = self._runtime.graphs
+        return graphs.describe() if graphs is not None else None
 
     @property
     def iteration(self) -> int:

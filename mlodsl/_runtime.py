@@ -45,9 +45,10 @@ class Runtime:
         # per-rank quantities -> the combined batch's (mlodsl._distributed); one process: as they are
         self.reduce: Callable[[T.Vec, str], T.Vec] = _as_is
         self.compiled = False  # modules under torch.compile (Program(compile=...))
+        self.graphs: Any = None  # mlodsl._graphs.Graphs: whole iterations captured and replayed
         self.scaler = LossScaler() if autocast is torch.float16 else None
         self.checks = "step"  # "step": finite check (a host sync) each step | "log": at sync points only
-        self._deferred: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (all ok, first bad step)
+        self._deferred: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (all ok, first bad, step)
         self.state = {
             name: ProblemState(p, [self.problems[r] for r in reach[name]],
                                isinstance(p.hypergrad, Unrolled) and bool(plan.graph.node(name).upper))
@@ -94,22 +95,29 @@ class Runtime:
             self.run_iteration()
 
     def finish_run(self) -> None:
-        """A sync point (a log iteration, the end of a run): raise what ``checks="log"`` deferred."""
+        """A sync point (a log iteration, the end of a run): raise what ``checks="log"`` deferred.
+
+        The verdicts live in tensors updated in place (a captured CUDA graph writes to the same
+        memory at each replay), read here with one host sync and reset in place."""
         if not self._deferred:
             return
-        pending, self._deferred = self._deferred, {}
-        names = list(pending)
-        flags = torch.stack([pending[n][0].to("cpu") for n in names]).tolist()  # the one host sync
-        for name, ok in zip(names, flags):
-            if not ok:
-                p = self.problems[name]
-                raise errors.ProblemError(errors.DEFERRED_NOT_FINITE.format(
-                    name=name, loc=p.loc, step=int(pending[name][1]), iteration=self.iteration))
+        names = list(self._deferred)
+        flags = torch.stack([self._deferred[n][0].to("cpu") for n in names]).tolist()  # the one host sync
+        bad = [(n, int(self._deferred[n][1])) for n, ok in zip(names, flags) if not ok]
+        for name, (all_ok, first, seen) in self._deferred.items():
+            all_ok.fill_(True)
+            first.fill_(-1.0)
+            seen.fill_(float(self.state[name].count))
+        if bad:
+            name, step = bad[0]
+            p = self.problems[name]
+            raise errors.ProblemError(errors.DEFERRED_NOT_FINITE.format(
+                name=name, loc=p.loc, step=step, iteration=self.iteration))
 
     def run_periods(self, iterations: int) -> int:
         """Run whole periods through the lowered GraphModule while they fit; return how many
         iterations ran. Partial periods (and a step left failed mid-iteration) are interpreted."""
-        if self.lowered is None or self.position:
+        if self.lowered is None or self.position or (self.graphs is not None and self.graphs.off is None):
             return 0
         schedule = self.plan.schedule
         n, done = len(schedule.period), 0
@@ -120,7 +128,14 @@ class Runtime:
         return done
 
     def run_iteration(self) -> None:
-        """Finish the current iteration of the schedule (from where a failed step left it)."""
+        """Finish the current iteration of the schedule (from where a failed step left it): from
+        its captured graph where there is one (``mlodsl._graphs``), else step by step."""
+        if self.graphs is not None and not self.position and self.graphs.run_iteration():
+            return
+        self.run_steps()
+
+    def run_steps(self) -> None:
+        """Finish the current iteration eagerly, step by step."""
         steps = self.plan.schedule.iteration(self.iteration).steps
         while self.position < len(steps):
             self.step(steps[self.position])
@@ -154,10 +169,10 @@ class Runtime:
             st.begin_round()
         st.keep_gradient(None)  # the previous step's gradient is not kept through this one
         if p.options.grad_accumulation == 1:
-            batches = [self.to_device(st.batches.next())]
+            batches = [self.draw(st)]
             grads, loss = self.total_gradient(p, batches[0])
         else:
-            batches = [self.to_device(st.batches.next()) for _ in range(p.options.grad_accumulation)]
+            batches = [self.draw(st) for _ in range(p.options.grad_accumulation)]
             grads, loss = self.accumulated_gradient(p, batches)
         if self.scaler is not None and not self.scaler.update(loss, grads):
             self.count(f"fp16_overflow/{p.name}")  # skipped: the scale was too large for fp16
@@ -198,6 +213,10 @@ class Runtime:
             t.grad = None
         if p.scheduler is not None:
             p.scheduler.step()
+
+    def draw(self, st: ProblemState) -> Any:
+        """The next batch of a problem, on the device (a captured graph replaces it by its inputs)."""
+        return self.to_device(st.batches.next())
 
     def to_device(self, batch: Any) -> Any:
         if self.device is None:
@@ -300,17 +319,23 @@ class Runtime:
         """
         loss = loss.detach()
         if self.checks == "log":
+            entry = self._deferred.get(p.name)
+            if entry is None:  # made once per problem: (all finite so far, first bad step, step number)
+                entry = self._deferred[p.name] = (torch.ones((), dtype=torch.bool, device=loss.device),
+                                                  torch.full((), -1.0, device=loss.device),
+                                                  torch.full((), float(step), device=loss.device))
+            all_ok, first, seen = entry  # updated in place: no Python number enters the arithmetic
             ok = (T.nonfinite_flag(grads)[0] == 0) & torch.isfinite(loss).all()
-            all_ok, first = self._deferred.get(p.name, (torch.ones_like(ok), torch.full((), -1.0, device=loss.device)))
-            first = torch.where(all_ok & ~ok, torch.full_like(first, step), first)
-            self._deferred[p.name] = (all_ok & ok, first)
+            first.copy_(torch.where(all_ok & ~ok, seen, first))
+            all_ok.logical_and_(ok)
+            seen.add_(1.0)
             return
         # one fused kernel over the gradient and the loss (a view: scaled in place by exactly 1),
         # into a flag that stays zero while every step is finite; one read
         checked = [*grads, loss.view(1)]
         flag, fused = self._flags.get(p.name, (None, False))
         if flag is None:  # made once per problem
-            flag, fused = torch.zeros(1, device=loss.device), T.fusable(checked, loss.device)
+            flag, fused = torch.zeros(1, dtype=torch.float32, device=loss.device), T.fusable(checked, loss.device)
             self._flags[p.name] = (flag, fused)
         if not T.any_nonfinite(checked, flag, fused):
             return

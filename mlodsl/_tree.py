@@ -45,7 +45,7 @@ def any_nonfinite(a: Vec, flag: torch.Tensor, fused: bool) -> bool:
 
 def nonfinite_flag(a: Vec) -> torch.Tensor:
     """A one-element tensor, nonzero iff some entry of ``a`` is NaN or Inf (no read)."""
-    flag = torch.zeros(1, device=a[0].device)
+    flag = torch.zeros(1, dtype=torch.float32, device=a[0].device)
     if all(x.is_floating_point() and x.device == flag.device for x in a):
         torch._amp_foreach_non_finite_check_and_unscale_(a, flag, _one(flag.device))
         return flag
@@ -59,7 +59,7 @@ def _one(device: torch.device) -> torch.Tensor:
     """A 1 on ``device``, made once (the AMP check only reads it)."""
     one = _ONES.get(device)
     if one is None:
-        one = _ONES[device] = torch.ones(1, device=device)
+        one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)  # float32 whatever the default dtype: the AMP kernel needs it
     return one
 
 

@@ -520,6 +520,7 @@ NOT_IN_CATALOGUE = {
     "CG_UNCONVERGED": "solver health, not a malformed program (mlodsl._solvers)",
     "CG_INDEFINITE": "solver health, not a malformed program (mlodsl._solvers)",
     "DEFERRED_NOT_FINITE": "the NaN case under checks='log'; its message test is in tests/test_host_syncs.py",
+    "GRAPHS_OFF": "not a mistake: a program runs without CUDA graphs, and says why (tests/test_graphs.py)",
 }
 
 
