@@ -490,21 +490,34 @@ class Graphs:
             return
         slot = _Slot(draws)
         state, now = _TensorState(rt), _PythonState(rt)
+
+        def static_draws() -> Callable[[ProblemState], Any]:
+            statics = iter(slot.draws)
+
+            def static(st: ProblemState) -> Any:
+                owner, batch = next(statics)
+                if owner is not st:
+                    raise RuntimeError("the steps drew batches in another order than when probed")
+                return batch
+            return static
+
+        if compiled:  # the compiled kernels too run once on the capture's stream first
+            now.restore(rt)
+            rt.iteration -= 1
+            rt.draw = static_draws()
+            try:
+                self.backend.warm(rt.run_steps)
+            finally:
+                del rt.draw
+                state.restore()
+                now.restore(rt)
         # the capture starts from the Python state the previous graph leaves (its tensors are
         # the ones this graph must read), at this iteration's place in the schedule
         if j:
             self.slots[j - 1].after.restore(rt)
         rt.iteration = now.iteration - 1
         slot.before = _PythonState(rt)
-        statics = iter(slot.draws)
-
-        def static(st: ProblemState) -> Any:
-            owner, batch = next(statics)
-            if owner is not st:
-                raise RuntimeError("the steps drew batches in another order than when probed")
-            return batch
-
-        rt.draw = static
+        rt.draw = static_draws()
         try:
             slot.replay = self.backend.capture(rt.run_steps)
             slot.after = _PythonState(rt)
@@ -544,6 +557,7 @@ def _make_capturable(rt: Runtime) -> None:
     for p in rt.problems.values():
         if type(p.optimizer).__name__ not in _CAPTURABLE:
             continue
+        p.optimizer._warned_capturable_if_run_uncaptured = True  # eager iterations are expected too
         for group in p.optimizer.param_groups:
             group["capturable"] = True
             for t in group["params"]:

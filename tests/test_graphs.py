@@ -232,3 +232,15 @@ def test_on_the_cpu_compile_true_captures_nothing_and_cuda_graphs_true_is_refuse
     assert program.cuda_graphs is None and program._runtime.checks == "step"
     with pytest.raises(UsageError, match="cuda_graphs=True needs device='cuda'"):
         reweighting(Neumann(iterations=2), cuda_graphs=True)
+
+
+def test_compiled_modules_are_captured_too():
+    """Under torch.compile the probe watches the eager modules, and the compiled ones run once
+    on the capture's stream before the capture."""
+    expected = trained(reweighting(Neumann(iterations=2)), blocks=3)
+    graphed = emulate(reweighting(Neumann(iterations=2), compile=dict(backend="aot_eager")))
+    got = trained(graphed, blocks=3)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert graphed.cuda_graphs["off"] is None and graphed.cuda_graphs["replays"] > 0
+    assert graphed._runtime.compiled
