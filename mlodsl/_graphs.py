@@ -45,6 +45,8 @@ use it; the CUDA backend is :class:`CudaGraphs`.
 
 from __future__ import annotations
 
+import os
+import sysconfig
 import traceback
 import warnings
 from collections import Counter
@@ -57,7 +59,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from compiler import errors
 from mlodsl import _bindings
-from mlodsl._guard import _LIBRARY, _short
+from mlodsl._guard import _short
 
 if TYPE_CHECKING:
     from mlodsl._runtime import Runtime
@@ -189,8 +191,13 @@ def _forked() -> bool:
     return bindings is not None and bindings.owner is not _bindings._stepping.get()
 
 
+_TORCH_OR_STDLIB = (os.path.dirname(torch.__file__) + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
+
+
 def _user_line() -> str:
-    frames = [f for f in traceback.extract_stack() if not f.filename.startswith(_LIBRARY)]
+    """The innermost line outside torch: the user's, or mlodsl's own when it is the reader."""
+    frames = [f for f in traceback.extract_stack()
+              if not f.filename.startswith(_TORCH_OR_STDLIB) and f.filename != __file__]
     return f"{_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
 
 

@@ -244,3 +244,70 @@ def test_compiled_modules_are_captured_too():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert graphed.cuda_graphs["off"] is None and graphed.cuda_graphs["replays"] > 0
     assert graphed._runtime.compiled
+
+
+def test_a_logged_and_validated_run_replays_too():
+    """Program.run with logging and validation runs iteration by iteration: each is a replay."""
+    def run(graphs: bool):
+        program = reweighting(CG(iterations=3), steps=2)
+        if graphs:
+            emulate(program)
+        history = program.run(30, log_every=5, validate=lambda p: {"n": float(p.iteration)}, progress=False,
+                              loggers=[])
+        return trained(program, blocks=0), [log["classifier/loss"] for log in history.logs]
+
+    (got, got_logs), (expected, expected_logs) = run(True), run(False)
+    assert_same(got, expected)
+    assert got_logs == expected_logs and len(got_logs) == 6
+
+
+@pytest.mark.parametrize("method", ["fd", "cg"])
+def test_the_trilevel_benchmark_program_replays_exactly(method):
+    assert_same(*(trilevel_run(method, graphs) for graphs in (True, False)))
+
+
+def trilevel_run(method: str, graphs: bool, replays: int = 8) -> list[torch.Tensor]:
+    from bench.programs import trilevel
+
+    runner = trilevel.build("mlodsl", method, trilevel.Sizes(hidden=8, batch=8), dtype=DT)
+    runner.program._runtime.checks = "log"
+    if graphs:
+        emulate(runner.program)
+    runner.run(12)
+    assert not graphs or runner.program.cuda_graphs["replays"] >= replays
+    return trained(runner.program, blocks=0)
+
+
+def test_unrolled_adam_with_step_counts_on_the_cpu_is_refused_with_the_reason():
+    """Unrolled replays Adam's update, whose bias correction needs the step count: on the CPU
+    (torch's default Adam state) it is read as a number, which a graph would keep."""
+    with pytest.warns(MlodslWarning, match=r"value is read on the host .* at mlodsl/_hypergrad/_unroll.py:\d+"):
+        got = trilevel_run("itd", True, replays=0)
+    assert_same(got, trilevel_run("itd", False))
+
+
+def test_the_replayed_adam_update_from_device_step_counts_is_the_one_from_numbers():
+    """Where the counts are tensors on a GPU (capturable or fused Adam) the replay computes the
+    bias corrections from them, as torch's capturable Adam does, reading nothing."""
+    from mlodsl._hypergrad import _unroll
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(3, 2, generator=gen, dtype=DT, requires_grad=True), torch.randn(4, generator=gen, dtype=DT)]
+    gs = [torch.randn_like(p) for p in ps]
+    hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, maximize=False)
+    states = [{"step": torch.tensor(4.0, dtype=DT), "exp_avg": torch.rand_like(p), "exp_avg_sq": torch.rand_like(p)}
+              for p in ps]
+    m = torch._foreach_add([s["exp_avg"] for s in states], torch._foreach_mul(torch._foreach_sub(
+        gs, [s["exp_avg"] for s in states]), 0.1))
+    expected, expected_states = _unroll._adam_all(ps, gs, states, hp)  # CPU counts: numbers
+    weighted = list(torch._foreach_add(gs, torch._foreach_mul(ps, 0.1)))
+    m = torch._foreach_add([s["exp_avg"] for s in states], torch._foreach_mul(torch._foreach_sub(
+        weighted, [s["exp_avg"] for s in states]), 0.1))
+    v = torch._foreach_add(torch._foreach_mul([s["exp_avg_sq"] for s in states], 0.99),
+                           torch._foreach_mul(torch._foreach_mul(weighted, 0.01), weighted))
+    got, got_states = _unroll._adam_all_device_steps(ps, states, m, v, [_unroll._safe_sqrt(x) for x in v], hp)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert all(float(s["step"]) == 5.0 and b["step"] == 5.0 for s, b in zip(got_states, expected_states))
+    got[0].sum().backward()  # differentiable, as the float path is
+    assert ps[0].grad is not None

@@ -56,7 +56,7 @@ def update_all(kind: type, thetas: list[torch.Tensor], grads: list[torch.Tensor]
             bufs = [st.get("momentum_buffer") for st in states]
             if all(b is None for b in bufs) or all(b is not None for b in bufs):
                 return _sgd_all(thetas, grads, states, bufs, hps[0])
-        elif not hps[0].get("amsgrad") and len({float(st.get("step", 0.0)) for st in states}) == 1:
+        elif not hps[0].get("amsgrad") and (_on_device(states) or len({float(st.get("step", 0.0)) for st in states}) == 1):
             return _adam_all(thetas, grads, states, hps[0])
     updated = [update(kind, p, g, s, hp) for p, g, s, hp in zip(thetas, grads, states, hps)]
     return [u[0] for u in updated], [u[1] for u in updated]
@@ -85,7 +85,6 @@ def _adam_all(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[State], 
     beta1, beta2 = hp["betas"]
     lr, wd = hp["lr"], hp["weight_decay"]
     g = list(torch._foreach_neg(gs)) if hp.get("maximize") else list(gs)
-    step = float(sts[0].get("step", 0.0)) + 1.0
     if wd:
         if hp.get("decoupled_weight_decay", False):
             ps = list(torch._foreach_mul(ps, 1 - lr * wd))
@@ -95,10 +94,36 @@ def _adam_all(ps: list[torch.Tensor], gs: list[torch.Tensor], sts: list[State], 
     v0 = [st.get("exp_avg_sq", torch.zeros_like(p)) for st, p in zip(sts, ps)]
     m = torch._foreach_add(m0, torch._foreach_mul(torch._foreach_sub(g, m0), 1 - beta1))
     v = torch._foreach_add(torch._foreach_mul(v0, beta2), torch._foreach_mul(torch._foreach_mul(g, 1 - beta2), g))
+    root = [_safe_sqrt(x) for x in v]
+    if _on_device(sts):
+        return _adam_all_device_steps(ps, sts, m, v, root, hp)
+    step = float(sts[0].get("step", 0.0)) + 1.0
     new = [{**st, "step": step, "exp_avg": a, "exp_avg_sq": b} for st, a, b in zip(sts, m, v)]
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-    denom = torch._foreach_add(torch._foreach_div([_safe_sqrt(x) for x in v], bc2 ** 0.5), hp["eps"])
+    denom = torch._foreach_add(torch._foreach_div(root, bc2 ** 0.5), hp["eps"])
     return list(torch._foreach_sub(ps, torch._foreach_div(torch._foreach_mul(m, lr / bc1), denom))), new
+
+
+def _on_device(sts: list[State]) -> bool:
+    """Whether the step counts are tensors on an accelerator (Adam's ``capturable`` or ``fused``
+    state): reading them would be a host sync, and a CUDA graph would keep the value it read."""
+    step = sts[0].get("step") if sts else None
+    return isinstance(step, torch.Tensor) and step.device.type != "cpu"
+
+
+def _adam_all_device_steps(ps: list[torch.Tensor], sts: list[State], m: Any, v: Any, root: list[torch.Tensor],
+                           hp: dict) -> tuple[list[torch.Tensor], list[State]]:
+    """The bias corrections from each parameter's step count as a tensor (what torch's
+    ``capturable`` Adam does), so that nothing is read on the host. The runtime steps every
+    parameter of a problem together, so the counts agree; each is used for its own parameter."""
+    beta1, beta2 = hp["betas"]
+    steps = torch._foreach_add([st["step"] for st in sts], 1.0)
+    bc1 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(beta1, steps)), 1.0)  # 1 − β₁ᵗ
+    bc2 = torch._foreach_add(torch._foreach_neg(torch._foreach_pow(beta2, steps)), 1.0)
+    denom = torch._foreach_add(torch._foreach_div(root, torch._foreach_sqrt(bc2)), hp["eps"])
+    rate = torch._foreach_div(torch._foreach_mul(m, hp["lr"]), bc1)
+    new = [{**st, "step": t, "exp_avg": a, "exp_avg_sq": b} for st, t, a, b in zip(sts, steps, m, v)]
+    return list(torch._foreach_sub(ps, torch._foreach_div(rate, denom))), new
 
 
 def _sgd(p: torch.Tensor, g: torch.Tensor, st: State, hp: dict) -> tuple[torch.Tensor, State]:
