@@ -246,6 +246,7 @@ def test_compiled_modules_are_captured_too():
     assert graphed._runtime.compiled
 
 
+@pytest.mark.filterwarnings("ignore:the Hessian of 'classifier'")  # CG at a random start, both runs alike
 def test_a_logged_and_validated_run_replays_too():
     """Program.run with logging and validation runs iteration by iteration: each is a replay."""
     def run(graphs: bool):
