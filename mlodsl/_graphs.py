@@ -508,33 +508,33 @@ class Graphs:
                 return batch
             return static
 
-        if compiled:  # the compiled kernels too run once on the capture's stream first
-            now.restore(rt)
-            rt.iteration -= 1
+        def again(run: Callable[[Callable[[], None]], Any], base: _PythonState) -> Any:
+            """The iteration once more, from ``base`` at this iteration's place in the schedule,
+            on the static batches (not stopped by Ctrl-C: it is not a step of the run); then
+            everything as the probed iteration left it."""
+            base.restore(rt)
+            rt.iteration = now.iteration - 1
+            stop, rt.stop_requested = rt.stop_requested, None
             rt.draw = static_draws()
             try:
-                self.backend.warm(rt.run_steps)
+                before = _PythonState(rt)
+                return before, run(rt.run_steps), _PythonState(rt)
             finally:
                 del rt.draw
-                state.restore()
+                rt.stop_requested = stop
+                state.restore()  # what a warm run or an emulated capture ran (a CUDA capture runs nothing)
                 now.restore(rt)
-        # the capture starts from the Python state the previous graph leaves (its tensors are
-        # the ones this graph must read), at this iteration's place in the schedule
-        if j:
-            self.slots[j - 1].after.restore(rt)
-        rt.iteration = now.iteration - 1
-        slot.before = _PythonState(rt)
-        rt.draw = static_draws()
+
         try:
-            slot.replay = self.backend.capture(rt.run_steps)
-            slot.after = _PythonState(rt)
+            if compiled:  # the compiled kernels too run once on the capture's stream first
+                again(self.backend.warm, now)
+            # the capture starts from the Python state the previous graph leaves (its tensors
+            # are the ones this graph must read)
+            slot.before, slot.replay, slot.after = again(self.backend.capture,
+                                                          self.slots[j - 1].after if j else now)
         except Exception as e:  # noqa: BLE001 - whatever fails, the program goes on without graphs
             self._turn_off(f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
             return
-        finally:
-            del rt.draw
-            state.restore()  # what an emulated capture ran (a CUDA capture runs nothing)
-            now.restore(rt)
         self.slots[j] = slot
 
     def _turn_off(self, why: str) -> None:
