@@ -49,10 +49,11 @@ class Program:
     iteration in a CUDA graph once the program is warm and replays it
     (``mlodsl._graphs``; ``cuda_graphs=False`` turns that off, and
     ``program.cuda_graphs`` says what was captured, or why not); ``checks``
-    then defaults to "log", since a graph cannot read each step's verdict. ``fuse_updates`` (on by default)
-    gives torch's optimizers, where their settings are left at the defaults,
-    their fused or foreach update (the same arithmetic, fewer kernels:
-    ``mlodsl._fuse``); ``program.fused`` lists what it set.
+    then defaults to "log", since a graph cannot read each step's verdict.
+    ``fuse_updates`` (on by default) gives torch's optimizers, where their
+    settings are left at the defaults, their fused or foreach update (the same
+    arithmetic, fewer kernels: ``mlodsl._fuse``); ``program.fused`` lists what
+    it set.
 
     Under ``torchrun`` (or an initialized process group; ``distributed=True``
     requires one, ``False`` ignores it) the program is data parallel: each
