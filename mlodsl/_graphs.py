@@ -301,22 +301,18 @@ class _TensorState:
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
 
-    def differs(self, tol: float) -> str | None:
-        """Where the live tensors differ from these copies by more than ``tol`` (relative)."""
-        for t, saved in self.pairs:
-            scale = float(saved.abs().max()) if saved.numel() and saved.is_floating_point() else 1.0
-            diff = float((t.detach().double() - saved.double()).abs().max()) if t.numel() else 0.0
+    def values(self) -> list[torch.Tensor]:
+        """Copies of the tensors as they are now."""
+        return [t.detach().clone() for t, _ in self.pairs]
+
+    def differs(self, values: list[torch.Tensor], tol: float) -> str | None:
+        """Where the tensors now differ from ``values`` by more than ``tol`` (relative)."""
+        for (t, _), other in zip(self.pairs, values):
+            scale = float(other.abs().max()) if other.numel() and other.is_floating_point() else 1.0
+            diff = float((t.detach().double() - other.double()).abs().max()) if t.numel() else 0.0
             if not diff <= tol * max(scale, 1.0):
                 return f"a tensor of shape {tuple(t.shape)} differs by {diff:.3g}"
         return None
-
-    def snapshot_live(self) -> _TensorState:
-        return _TensorState.__new__(_TensorState)._of(self)
-
-    def _of(self, other: _TensorState) -> _TensorState:
-        self.pairs = [(t, t.detach().clone()) for t, _ in other.pairs]
-        self.groups, self.rng, self.cuda_rng = other.groups, other.rng, other.cuda_rng
-        return self
 
 
 def _live_tensors(rt: Runtime) -> list[torch.Tensor]:
@@ -390,6 +386,9 @@ class Graphs:
             _make_capturable(runtime)
 
     def describe(self) -> dict[str, Any]:
+        """What ``program.cuda_graphs`` shows: the iterations of the period captured, the
+        replays whose results were kept (a first, checked replay gives way to the eager run),
+        and why graphs are off (None while they are on)."""
         return {"backend": self.backend.name, "captured": sorted(self.slots), "replays": self.replays,
                 "off": self.off}
 
@@ -442,27 +441,27 @@ class Graphs:
         for st, _ in marks.values():
             st.batches.commit()
         self._play(slot, batches)
+        self.replays += 1
         return True
 
     def _play(self, slot: _Slot, batches: list[Any]) -> None:
         slot.load(batches)
         slot.replay()
         slot.after.advance(self.rt, slot.before)
-        self.replays += 1
 
     def _check(self, slot: _Slot, batches: list[Any], marks: dict) -> bool:
         """The first replay of a slot, against the eager iteration from the same state."""
         rt = self.rt
         state, python = _TensorState(rt), _PythonState(rt)
         self._play(slot, batches)
-        replayed = state.snapshot_live()
+        replayed = state.values()
         state.restore()
         python.restore(rt)
         for st, mark in marks.values():
             st.batches.rewind(mark)
         rt.run_steps()
         slot.checked = True
-        where = replayed.differs(self.TOLERANCE)
+        where = state.differs(replayed, self.TOLERANCE)
         if where is not None:
             self._turn_off(f"a replayed iteration did not match the eager one ({where})")
         return True
