@@ -21,7 +21,11 @@ How an iteration position of the period gets its graph:
    in place in a program on the GPU. If it finds one, graphs are off for the
    program, with a warning that says what and where;
 2. the iteration is captured again from the batches it drew (their copies are
-   the graph's inputs), and everything the capture changed is put back;
+   the graph's inputs), and everything the capture changed is put back. A
+   period of n iterations is n graphs, captured in order and sharing one
+   memory pool, each starting from the Python state the previous one leaves
+   (so it reads the tensors that one writes): replayed in order, they are the
+   whole period, and a run can still stop, log or validate between iterations;
 3. its first replay is checked: run eagerly from the same state on the same
    batches; if the two differ, graphs are off, with a warning, and the program
    goes on eagerly from the eager result.

@@ -29,7 +29,7 @@ METHODS = {"neumann": lambda: Neumann(iterations=2), "cg": lambda: CG(iterations
 
 
 def reweighting(method, steps: int = 1, *, n: int = 70, item: bool = False, dropout: str = "",
-                lr_scheduler: bool = False, **program) -> Program:
+                lr_scheduler: bool = False, accumulate: int = 1, **program) -> Program:
     """Meta-Weight-Net in miniature: a classifier whose per-example losses a weight net reweights.
     70 examples in batches of 16: every pass ends with a batch of 6 (another shape)."""
     gen = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def reweighting(method, steps: int = 1, *, n: int = 70, item: bool = False, drop
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5) if lr_scheduler else None
 
     @problem(module=net, optimizer=optimizer, scheduler=scheduler, data=train, upper=[reweight],
-             hypergrad=method, steps=steps)
+             hypergrad=method, steps=steps, grad_accumulation=accumulate)
     def classifier(batch):
         xb, yb = batch
         if dropout == "lower":
@@ -312,3 +312,16 @@ def test_the_replayed_adam_update_from_device_step_counts_is_the_one_from_number
     assert all(float(s["step"]) == 5.0 and b["step"] == 5.0 for s, b in zip(got_states, expected_states))
     got[0].sum().backward()  # differentiable, as the float path is
     assert ps[0].grad is not None
+
+
+@pytest.mark.parametrize("case", [dict(precision="bf16"), dict(accumulate=2)], ids=["bf16", "grad_accumulation"])
+def test_autocast_and_accumulated_batches_replay_exactly(case):
+    def run(graphs: bool) -> list[torch.Tensor]:
+        program = reweighting(FiniteDifference(), **case)
+        if graphs:
+            emulate(program)
+        got = trained(program, blocks=4)
+        assert not graphs or (program.cuda_graphs["off"] is None and program.cuda_graphs["replays"] >= 6)
+        return got
+
+    assert_same(run(True), run(False))
