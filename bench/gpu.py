@@ -29,8 +29,13 @@ Time per outer iteration is wall time between ``torch.cuda.synchronize()`` calls
 median of ``--rounds`` interleaved blocks of ``--block`` iterations after
 ``--warmup`` iterations (compilation happens in the warm-up); **× hand** is the
 median of the per-round ratios. Peak memory is ``torch.cuda.max_memory_allocated``
-over ``--block`` iterations of a fresh build of each side. The table goes between
-``<!-- gpu:begin -->`` and ``<!-- gpu:end -->`` of ``--out`` (bench/RESULTS.md).
+over one more block of each side after the timing, above what was allocated before
+it (the same runner: a fresh build would compile again). The table goes between
+``<!-- gpu:begin -->`` and ``<!-- gpu:end -->`` of ``--out`` (bench/RESULTS.md), and
+is written again after each method, so a run cut short keeps what it measured.
+
+On a tight device budget: ``python bench/gpu.py --methods neumann fd --rounds 7``
+(compilation, once per compiled side and method, is most of the time).
 """
 
 from __future__ import annotations
@@ -99,11 +104,9 @@ def timed(runner, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000 / n
 
 
-def peak_mib(name: str, method: str, device: torch.device, n: int) -> float | None:
+def peak_mib(runner, device: torch.device, n: int) -> float | None:
     if device.type != "cuda":
         return None
-    runner = build(name, method, device)
-    runner.run(2)
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -124,7 +127,7 @@ def measure(method: str, device: torch.device, args: argparse.Namespace) -> list
     rows = []
     for name in SIDES:
         ratio = statistics.median(a / b for a, b in zip(ms[name], ms["hand"]))
-        peak = peak_mib(name, method, device, args.block)
+        peak = peak_mib(runners[name], device, args.block)
         rows.append([method, name, f"{statistics.median(ms[name]):.3f}", f"{ratio:.2f}",
                      "–" if peak is None else f"{peak:.1f}", graphs_of(runners[name]).replace("|", "/")])
         print(f"[gpu] {method} {name}: {statistics.median(ms[name]):.3f} ms, x hand {ratio:.2f}", flush=True)
@@ -160,20 +163,28 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no CUDA device here; use --device cpu for a dry run")
     warnings.filterwarnings("ignore", module="mlodsl")
     start = time.perf_counter()
-    rows = [row for method in args.methods for row in measure(method, device, args)]
     command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = ("## GPU (issue 7)\n\n"
-            f"Produced by `{command.strip()}` in {(time.perf_counter() - start) / 60:.1f} min on "
-            f"{device_name(device)}, torch {torch.__version__}; MWN (`bench/programs/mwn.py`), float32. "
-            f"ms = wall time per outer iteration between CUDA synchronisations, median of {args.rounds} "
-            f"interleaved blocks of {args.block} iterations after {args.warmup} warm-up iterations; "
-            "× hand = median of the per-round ratios to the hand-written eager loop; peak MiB = "
-            "`torch.cuda.max_memory_allocated` above the allocation before the block.\n\n")
-    table = ["| method | side | ms / outer it. | × hand | peak MiB | graphs |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    write(args.out, f"{BEGIN}\n{head}" + "\n".join(table) + f"\n{END}")
-    print(f"written to {args.out}")
+    rows: list[list[str]] = []
+    for method in args.methods:
+        rows += measure(method, device, args)
+        head = ("## GPU (issue 7)\n\n"
+                f"Produced by `{command.strip()}` in {(time.perf_counter() - start) / 60:.1f} min on "
+                f"{device_name(device)}, torch {torch.__version__}; MWN (`bench/programs/mwn.py`), float32. "
+                f"ms = wall time per outer iteration between CUDA synchronisations, median of {args.rounds} "
+                f"interleaved blocks of {args.block} iterations after {args.warmup} warm-up iterations; "
+                "× hand = median of the per-round ratios to the hand-written eager loop; peak MiB = "
+                "`torch.cuda.max_memory_allocated` over one more block, above the allocation before it; "
+                "graphs = what `program.cuda_graphs` reported (replays kept, or why graphs were off).\n\n")
+        speedups = {r[0]: 1 / float(r[3]) for r in rows if r[1] == "mlodsl, compile + CUDA graphs"}
+        check = ("✓" if all(v >= 2 for v in speedups.values()) else "✗") + " `compile=True` at least 2× faster " \
+            "per iteration than the hand-written eager loop: " + \
+            ", ".join(f"{m} {v:.2f}×" for m, v in speedups.items()) + "\n\n"
+        table = ["| method | side | ms / outer it. | × hand | peak MiB | graphs |",
+                 "| --- | --- | ---: | ---: | ---: | --- |"]
+        table += ["| " + " | ".join(r) + " |" for r in rows]
+        head += check
+        write(args.out, f"{BEGIN}\n{head}" + "\n".join(table) + f"\n{END}")
+        print(f"written to {args.out}", flush=True)
 
 
 if __name__ == "__main__":
