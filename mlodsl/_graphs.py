@@ -332,9 +332,12 @@ def _live_tensors(rt: Runtime) -> list[torch.Tensor]:
 
 
 def _settings(rt: Runtime) -> tuple:
-    """What a graph bakes in as numbers: each optimizer's settings, and which tensors are θ."""
-    return tuple((id(p.params), tuple(tuple((k, v) for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor))
-                                      for g in p.optimizer.param_groups))
+    """What a graph holds fixed besides its tensors' memory: each optimizer's settings (numbers
+    baked in), which tensors are θ, and which state the optimizer holds (``load_state_dict``
+    replaces the state and the groups, so their identities change)."""
+    return tuple((id(p.params), id(p.optimizer.state), id(p.optimizer.param_groups),
+                  tuple(tuple((k, v) for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor))
+                        for g in p.optimizer.param_groups))
                  for p in rt.problems.values())
 
 

@@ -8,6 +8,7 @@ Every test compares a program run with graphs against the same program run step 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -198,6 +199,21 @@ def test_a_learning_rate_set_between_runs_is_captured_again():
         program.run(20)
         program["classifier"].optimizer.param_groups[0]["lr"] = 0.02
         program.run(20)
+        return trained(program, blocks=0)
+
+    assert_same(run(True), run(False))
+
+
+def test_an_optimizer_state_loaded_by_hand_is_captured_again():
+    def run(graphs: bool) -> list[torch.Tensor]:
+        program = reweighting(CG(iterations=3))
+        if graphs:
+            emulate(program)
+        program.run(10)
+        saved = copy.deepcopy(program["reweight"].optimizer.state_dict())
+        program.run(10)
+        program["reweight"].optimizer.load_state_dict(saved)  # new state tensors
+        program.run(10)
         return trained(program, blocks=0)
 
     assert_same(run(True), run(False))
