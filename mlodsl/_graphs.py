@@ -44,7 +44,10 @@ step's verdict would be a host sync).
 ATen operation with the tensors it read and wrote, and a replay runs them again
 on those same tensors, so a value that should have been an input but was baked
 into the graph shows up as a wrong result, as it would on the device. The tests
-use it; the CUDA backend is :class:`CudaGraphs`.
+use it; the CUDA backend is :class:`CudaGraphs`. The emulator binds tensors, not
+addresses: a parameter given new memory under the same tensor (``.data = ...``,
+``module.to(...)``) is followed by a replay there but not by a CUDA graph, which
+is why the memory of θ is part of what drops the graphs (:func:`_settings`).
 """
 
 from __future__ import annotations
@@ -332,10 +335,12 @@ def _live_tensors(rt: Runtime) -> list[torch.Tensor]:
 
 
 def _settings(rt: Runtime) -> tuple:
-    """What a graph holds fixed besides its tensors' memory: each optimizer's settings (numbers
-    baked in), which tensors are θ, and which state the optimizer holds (``load_state_dict``
-    replaces the state and the groups, so their identities change)."""
-    return tuple((id(p.params), id(p.optimizer.state), id(p.optimizer.param_groups),
+    """What a graph holds fixed besides its tensors' contents: each optimizer's settings
+    (numbers baked in), which tensors are θ and their memory (``module.to(...)`` moves it),
+    and which state the optimizer holds (``load_state_dict`` replaces the state and the
+    groups, so their identities change)."""
+    return tuple((id(p.params), tuple(t.data_ptr() for t in p.params), id(p.optimizer.state),
+                  id(p.optimizer.param_groups),
                   tuple(tuple((k, v) for k, v in g.items() if k != "params" and not isinstance(v, torch.Tensor))
                         for g in p.optimizer.param_groups))
                  for p in rt.problems.values())
@@ -387,6 +392,7 @@ class Graphs:
         self.off = off                 # why graphs are off (None: on)
         self.slots: dict[int, _Slot] = {}
         self.replays = 0
+        self.captures = 0  # graphs captured so far (again after what drops them)
         self.eager_until: int | None = None  # the iteration where an eager stretch of a period ends
         self._settings: tuple | None = None
         if off is None and getattr(backend, "name", "") == "cuda":
@@ -396,8 +402,8 @@ class Graphs:
         """What ``program.cuda_graphs`` shows: the iterations of the period captured, the
         replays whose results were kept (a first, checked replay gives way to the eager run),
         and why graphs are off (None while they are on)."""
-        return {"backend": self.backend.name, "captured": sorted(self.slots), "replays": self.replays,
-                "off": self.off}
+        return {"backend": self.backend.name, "captured": sorted(self.slots), "captures": self.captures,
+                "replays": self.replays, "off": self.off}
 
     def reset(self) -> None:
         """Drop the graphs (a checkpoint was loaded, settings changed): captured again later."""
@@ -542,6 +548,7 @@ class Graphs:
             self._turn_off(f"capture failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
             return
         self.slots[j] = slot
+        self.captures += 1
 
     def _turn_off(self, why: str) -> None:
         self.off = why

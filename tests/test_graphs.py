@@ -204,16 +204,23 @@ def test_a_learning_rate_set_between_runs_is_captured_again():
     assert_same(run(True), run(False))
 
 
-def test_an_optimizer_state_loaded_by_hand_is_captured_again():
+def test_new_optimizer_state_or_new_parameter_memory_is_captured_again():
     def run(graphs: bool) -> list[torch.Tensor]:
         program = reweighting(CG(iterations=3))
         if graphs:
             emulate(program)
+        captures = lambda: program.cuda_graphs["captures"] if graphs else 0  # noqa: E731
         program.run(10)
         saved = copy.deepcopy(program["reweight"].optimizer.state_dict())
         program.run(10)
+        before = captures()
         program["reweight"].optimizer.load_state_dict(saved)  # new state tensors
         program.run(10)
+        assert captures() == before + (1 if graphs else 0)
+        net = program["classifier"].module[0]
+        net.weight.data = net.weight.data.clone()  # the same parameter in new memory (a graph
+        program.run(10)                            # reads addresses: the emulator cannot tell)
+        assert captures() == before + (2 if graphs else 0)
         return trained(program, blocks=0)
 
     assert_same(run(True), run(False))
