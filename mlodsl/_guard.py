@@ -160,7 +160,7 @@ class Saved:
         self.buffers = [(b, b.detach().clone()) for b in st.reach_buffers] if st.reach_buffers else ()
         self.grads = [(t, t.grad) for t in p.params] if late else ()
         self.scheduler = copy.deepcopy(p.scheduler.state_dict()) if p.scheduler is not None else None
-        self.rng = torch.get_rng_state()
+        self.rng = torch.default_generator.clone_state()  # a copy, as a generator: cheaper than a state tensor
         self.cuda_rng = torch.cuda.get_rng_state_all() \
             if torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing() else None
         self.params: dict[str, ParamCopy] = {}
@@ -185,7 +185,7 @@ class Saved:
             t.grad = g
         if self.scheduler is not None:
             self.problem.scheduler.load_state_dict(self.scheduler)
-        torch.set_rng_state(self.rng)
+        torch.default_generator.set_state(self.rng.get_state())
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         self._restore_counters(data)
