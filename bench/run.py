@@ -91,7 +91,7 @@ class Settings(NamedTuple):
     memory_iterations: int
 
 
-FULL = Settings(warmup=5, repeats=13, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
+FULL = Settings(warmup=5, repeats=41, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
                 memory_iterations=20)
 QUICK = Settings(warmup=2, repeats=5, block_ms=15.0, depths=(2, 3, 4), ladder_repeats=3, memory_iterations=5)
 
