@@ -128,10 +128,12 @@ class Emulated:
 
         def replay() -> None:
             with torch.no_grad():
-                for func, args, kwargs, out in ops:
+                for func, args, kwargs, out, layouts in ops:
                     result = func(*args, **kwargs)
-                    for kept, new in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
+                    for kept, layout, new in zip(tree_flatten(out)[0], layouts, tree_flatten(result)[0]):
                         if isinstance(kept, torch.Tensor) and not _same_memory(kept, new):
+                            if _layout(kept) != layout:  # reshaped in place later on (squeeze_): as then
+                                kept.as_strided_(*layout)
                             kept.copy_(new)
         return replay
 
@@ -146,8 +148,15 @@ class _Recorder(TorchDispatchMode):
             raise HostSyncInCapture("a value was read on the host while the graph was captured")
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.ops.append((func, args, kwargs, out))
+        layouts = [_layout(t) if isinstance(t, torch.Tensor) else None for t in tree_flatten(out)[0]]
+        self.ops.append((func, args, kwargs, out, layouts))
         return out
+
+
+def _layout(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Size, strides and offset: an operation that reshapes a tensor in place (``squeeze_``)
+    changes them after the operation that made it was recorded."""
+    return tuple(t.shape), t.stride(), t.storage_offset()
 
 
 def _same_memory(a: torch.Tensor, b: Any) -> bool:

@@ -109,7 +109,9 @@ def test_a_four_problem_diamond_in_float64_matches_its_eager_run():
         quad.program._runtime.checks = "log"
         if graphs:
             emulate(quad.program)
-        return trained(quad.program, blocks=3, per_block=5)
+        got = trained(quad.program, blocks=5, per_block=8)  # a period of 8: warm, probed, checked, replayed
+        assert not graphs or (quad.program.cuda_graphs["off"] is None and quad.program.cuda_graphs["replays"] >= 8)
+        return got
 
     assert_same(run(True), run(False))
 
