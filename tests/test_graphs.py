@@ -201,6 +201,7 @@ def test_a_learning_rate_set_between_runs_is_captured_again():
         program.run(20)
         program["classifier"].optimizer.param_groups[0]["lr"] = 0.02
         program.run(20)
+        assert not graphs or (program.cuda_graphs["captures"] == 2 and program.cuda_graphs["replays"] >= 20)
         return trained(program, blocks=0)
 
     assert_same(run(True), run(False))
@@ -238,6 +239,7 @@ def test_a_checkpoint_loaded_mid_run_continues_as_without_graphs(tmp_path):
         program.run(9)
         program.load(tmp_path / f"{graphs}.pt")
         program.run(12)
+        assert not graphs or (program.cuda_graphs["captures"] >= 6 and program.cuda_graphs["replays"] >= 3)
         return trained(program, blocks=0)
 
     assert_same(run(True), run(False))
@@ -280,6 +282,7 @@ def test_a_logged_and_validated_run_replays_too():
             emulate(program)
         history = program.run(30, log_every=5, validate=lambda p: {"n": float(p.iteration)}, progress=False,
                               loggers=[])
+        assert not graphs or program.cuda_graphs["replays"] >= 8
         return trained(program, blocks=0), [log["classifier/loss"] for log in history.logs]
 
     (got, got_logs), (expected, expected_logs) = run(True), run(False)
