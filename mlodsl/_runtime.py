@@ -330,9 +330,9 @@ class Runtime:
             all_ok.logical_and_(ok)
             seen.add_(1.0)
             return
-        # one fused kernel over the gradient and the loss (a view: scaled in place by exactly 1),
+        # one fused kernel over the gradient and the (detached, 0-dim) loss, scaled in place by exactly 1,
         # into a flag that stays zero while every step is finite; one read
-        checked = [*grads, loss.view(1)]
+        checked = [*grads, loss]
         flag, fused = self._flags.get(p.name, (None, False))
         if flag is None:  # made once per problem
             flag, fused = torch.zeros(1, dtype=torch.float32, device=loss.device), T.fusable(checked, loss.device)
