@@ -101,7 +101,9 @@ class CudaGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # "thread_local": a DataLoader's pin-memory thread may allocate page-locked memory while
+        # this thread captures; that is not part of the graph and must not invalidate it
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             fn()
         return graph.replay
 
