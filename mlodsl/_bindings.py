@@ -131,15 +131,19 @@ class _RngFork:
 
     def __init__(self, table: Mapping[Problem, Any]) -> None:
         self.cpu = torch.default_generator.get_state()
-        # (not while a CUDA graph is captured: it may not set the generator, and the capture
-        # went ahead only because the probe saw no random numbers drawn in a fork, mlodsl._graphs)
-        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(table)] \
-            if torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing() else ()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(table)] if cuda_rng_usable() else ()
 
     def restore(self) -> None:
         torch.default_generator.set_state(self.cpu)
         for d, state in self.cuda:
             torch.cuda.set_rng_state(state, d)
+
+
+def cuda_rng_usable() -> bool:
+    """Whether CUDA's generators can be read and set now: CUDA is in use, and no CUDA graph is
+    being captured (a capture may not set them; it goes ahead only when the probe of
+    mlodsl._graphs saw no random numbers drawn where the generators are forked)."""
+    return torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing()
 
 
 def _cuda_devices(table: Mapping[Problem, Any]) -> list[int]:

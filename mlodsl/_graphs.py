@@ -66,7 +66,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from compiler import errors
 from mlodsl import _bindings
-from mlodsl._guard import _short
+from mlodsl._guard import _short, _window_lengths
+from mlodsl._runtime import _as_is
 
 if TYPE_CHECKING:
     from mlodsl._runtime import Runtime
@@ -221,7 +222,7 @@ def _user_line() -> str:
 
 def unsupported(runtime: Runtime, compile_options: dict[str, Any]) -> str | None:
     """Why this program's iterations cannot be captured (fixed when it is built), or None."""
-    if runtime.reduce.__name__ != "_as_is":
+    if runtime.reduce is not _as_is:
         return "the program is distributed (its collectives run between the steps)"
     if runtime.scaler is not None:
         return "precision='fp16' scales the loss with an overflow check read on the host each step"
@@ -263,7 +264,7 @@ class _PythonState:
         self.stats = Counter(rt.stats)
         self.diagnostics = dict(rt.diagnostics)
         self.states = {name: vars(st).copy() for name, st in rt.state.items()}
-        self.windows = [(w, list(w.steps)) for w in _windows(rt)]
+        self.windows = [(w, list(w.steps)) for w, _ in _window_lengths(list(rt.state.values()))]
 
     def restore(self, rt: Runtime) -> None:
         rt.iteration, rt.position = self.iteration, self.position
@@ -287,15 +288,6 @@ class _PythonState:
         rt.iteration, rt.stats = iteration, stats
         for name, st in rt.state.items():
             st.count = counts[name] + self.states[name]["count"] - before.states[name]["count"]
-
-
-def _windows(rt: Runtime) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for st in rt.state.values():
-        for w in (st.window, st.pending):
-            if w is not None:
-                seen.setdefault(id(w), w)
-    return list(seen.values())
 
 
 class _TensorState:
@@ -364,14 +356,14 @@ class _Slot:
 
     def __init__(self, draws: list[tuple[ProblemState, Any]]) -> None:
         self.draws = [(st, tree_map_only(torch.Tensor, lambda t: t.detach().clone(), b)) for st, b in draws]
+        self.leaves = [tree_flatten(static) for _, static in self.draws]  # (leaves, structure) of each
         self.replay: Callable[[], None] = lambda: None
         self.before: _PythonState | None = None
         self.after: _PythonState | None = None
         self.checked = False
 
     def fits(self, batches: list[Any]) -> bool:
-        for (_, static), batch in zip(self.draws, batches):
-            a, spec_a = tree_flatten(static)
+        for (a, spec_a), batch in zip(self.leaves, batches):
             b, spec_b = tree_flatten(batch)
             if spec_a != spec_b:
                 return False
@@ -386,8 +378,8 @@ class _Slot:
 
     def load(self, batches: list[Any]) -> None:
         with torch.no_grad():
-            for (_, static), batch in zip(self.draws, batches):
-                for x, y in zip(tree_flatten(static)[0], tree_flatten(batch)[0]):
+            for (a, _), batch in zip(self.leaves, batches):
+                for x, y in zip(a, tree_flatten(batch)[0]):
                     if isinstance(x, torch.Tensor):
                         x.copy_(y, non_blocking=True)
 
@@ -402,6 +394,10 @@ class Graphs:
         self.backend = backend
         self.off = off                 # why graphs are off (None: on)
         self.slots: dict[int, _Slot] = {}
+        schedule = runtime.plan.schedule
+        self.start, self.period = len(schedule.prologue), len(schedule.period)
+        # one whole period eagerly first (optimizer state made, modules compiled), and past warm-ups
+        self.warm = max([self.start + self.period, *(p.options.warmup for p in runtime.problems.values())])
         self.replays = 0
         self.captures = 0  # graphs captured so far (again after what drops them)
         self.eager_until: int | None = None  # the iteration where an eager stretch of a period ends
@@ -427,10 +423,8 @@ class Graphs:
         rt = self.rt
         if self.off is not None:
             return False
-        schedule = rt.plan.schedule
-        start, n = len(schedule.prologue), len(schedule.period)
-        warm = max([start + n, *(p.options.warmup for p in rt.problems.values())])
-        if rt.iteration < warm:
+        start, n = self.start, self.period
+        if rt.iteration < self.warm:
             return False
         if self.eager_until is not None:
             if rt.iteration < self.eager_until:

@@ -161,8 +161,7 @@ class Saved:
         self.grads = [(t, t.grad) for t in p.params] if late else ()
         self.scheduler = copy.deepcopy(p.scheduler.state_dict()) if p.scheduler is not None else None
         self.rng = torch.default_generator.clone_state()  # a copy, as a generator: cheaper than a state tensor
-        self.cuda_rng = torch.cuda.get_rng_state_all() \
-            if torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing() else None
+        self.cuda_rng = torch.cuda.get_rng_state_all() if _bindings.cuda_rng_usable() else None
         self.params: dict[str, ParamCopy] = {}
         if early and p.hooks["before_unroll"]:
             self.take_params(p)

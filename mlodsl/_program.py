@@ -105,13 +105,14 @@ class Program:
         stage = _prefetch.stage_for(dev, prefetch)
         for st in self._runtime.state.values():
             st.batches.stage = stage
+        compile_options = compile if isinstance(compile, dict) else {}
         if compile:
-            _compile.apply(self.problems, compile if isinstance(compile, dict) else {})
+            _compile.apply(self.problems, compile_options)
             self._runtime.compiled = True
         if self._dist is not None:
             self._dist.attach(self._runtime, shard_optimizer)
         if graphs:
-            _graphs.attach(self._runtime, _graphs.CudaGraphs(dev), compile if isinstance(compile, dict) else {})
+            _graphs.attach(self._runtime, _graphs.CudaGraphs(dev), compile_options)
         self._ranks_checked = self._dist is None  # parameters identical on every rank (at the first run)
 
     @public

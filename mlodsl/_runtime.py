@@ -325,7 +325,7 @@ class Runtime:
                                                   torch.full((), -1.0, device=loss.device),
                                                   torch.full((), float(step), device=loss.device))
             all_ok, first, seen = entry  # updated in place: no Python number enters the arithmetic
-            ok = (T.nonfinite_flag(grads)[0] == 0) & torch.isfinite(loss).all()
+            ok = T.nonfinite_flag([*grads, loss])[0] == 0  # the loss in the same fused check
             first.copy_(torch.where(all_ok & ~ok, seen, first))
             all_ok.logical_and_(ok)
             seen.add_(1.0)

@@ -326,8 +326,6 @@ def test_the_replayed_adam_update_from_device_step_counts_is_the_one_from_number
     hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, maximize=False)
     states = [{"step": torch.tensor(4.0, dtype=DT), "exp_avg": torch.rand_like(p), "exp_avg_sq": torch.rand_like(p)}
               for p in ps]
-    m = torch._foreach_add([s["exp_avg"] for s in states], torch._foreach_mul(torch._foreach_sub(
-        gs, [s["exp_avg"] for s in states]), 0.1))
     expected, expected_states = _unroll._adam_all(ps, gs, states, hp)  # CPU counts: numbers
     weighted = list(torch._foreach_add(gs, torch._foreach_mul(ps, 0.1)))
     m = torch._foreach_add([s["exp_avg"] for s in states], torch._foreach_mul(torch._foreach_sub(
