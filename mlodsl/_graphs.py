@@ -401,7 +401,7 @@ class Graphs:
         self.replays = 0
         self.captures = 0  # graphs captured so far (again after what drops them)
         self.eager_until: int | None = None  # the iteration where an eager stretch of a period ends
-        self._settings: tuple | None = None
+        self._fixed: tuple | None = None  # _settings when the graphs were captured
         if off is None and getattr(backend, "name", "") == "cuda":
             _make_capturable(runtime)
 
@@ -431,9 +431,9 @@ class Graphs:
                 return False
             self.eager_until = None
         settings = _settings(rt)
-        if settings != self._settings:
+        if settings != self._fixed:
             self.reset()
-            self._settings = settings
+            self._fixed = settings
         j = (rt.iteration - start) % n
         slot = self.slots.get(j)
         if slot is None:
