@@ -11,19 +11,8 @@ import torch
 Vec = list[torch.Tensor]
 
 
-def dot(a: Vec, b: Vec) -> torch.Tensor:
-    if len(a) == 1:
-        return torch.vdot(a[0].reshape(-1), b[0].reshape(-1))
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
-
-
 def norm(a: Vec) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
-
-
-def sqnorm(a: Vec) -> torch.Tensor:
-    """aᵀa: one fused norm per tensor, then a sum of squares (fewer kernels than ``dot(a, a)``)."""
-    return torch.stack(torch._foreach_norm(a)).square().sum()
 
 
 def fusable(a: Vec, device: torch.device) -> bool:
@@ -70,11 +59,6 @@ def add(a: Vec, b: Vec, alpha: float | torch.Tensor = 1.0) -> Vec:
     return list(torch._foreach_add(a, b, alpha=alpha))
 
 
-def sub(a: Vec, b: Vec, alpha: torch.Tensor) -> Vec:
-    """a - alpha * b for a tensor ``alpha`` (no negation kernel for it)."""
-    return list(torch._foreach_sub(a, torch._foreach_mul(b, alpha)))
-
-
 def scale(a: Vec, alpha: float | torch.Tensor) -> Vec:
     return list(torch._foreach_mul(a, alpha))
 
@@ -86,6 +70,13 @@ def zeros_like(a: Vec) -> Vec:
 def fill_none(grads: tuple[torch.Tensor | None, ...], like: Vec) -> Vec:
     """autograd.grad(..., allow_unused=True) gives None for unused inputs: make them zeros."""
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def flatten(a: Vec) -> torch.Tensor:
+    """The entries of ``a`` as one 1-D tensor, in order (the common dtype when they differ)."""
+    if len(a) == 1:
+        return a[0].reshape(-1)
+    return torch.cat([x.reshape(-1) for x in a])
 
 
 def split(flat: Vec, sizes: list[int]) -> list[Vec]:
