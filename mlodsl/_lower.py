@@ -35,13 +35,7 @@ def vjp(outputs: T.Vec, inputs: T.Vec, cotangents: T.Vec, retain: bool) -> T.Vec
 
 
 class GradGraph:
-    """g = ∇_θ C_Q(θ, x) with its graph, built once and reused by every product.
-
-    The products take and give flat vectors over θ_Q (its parameters concatenated, in order):
-    the linear solvers then run on one tensor, one kernel per operation, whatever the number
-    of parameter tensors. g itself is flattened once, differentiably, so each product is one
-    reverse sweep seeded by the flat vector, and one ``cat`` of its result.
-    """
+    """g = ∇_θ C_Q(θ, x) with its graph, built once and reused by every product."""
 
     def __init__(self, lower: LowerView) -> None:
         self.lower = lower
@@ -50,25 +44,15 @@ class GradGraph:
         loss = lower.loss(live=True)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         self.g = T.fill_none(grads, params)
-        self.flat = T.flatten(self.g)  # carries no graph when no entry of g does (H = 0)
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for a flat v."""
+    def hvp(self, v: T.Vec) -> T.Vec:
         self.lower.runtime.count("hvp")
-        params = self.lower.params
-        return T.flatten(self.lower.runtime.reduce(self._vjp(params, v, retain=True), "product"))
+        return self.lower.runtime.reduce(vjp(self.g, self.lower.params, v, retain=True), "product")
 
-    def cross(self, p: torch.Tensor) -> list[T.Vec]:
-        """(∂²C_Q/∂x∂θ_Q) p for a flat p, per input x."""
+    def cross(self, p: T.Vec) -> list[T.Vec]:
         self.lower.runtime.count("mixed_vjp")
         flat = self.lower.flat_inputs
-        return T.split(self.lower.runtime.reduce(self._vjp(flat, p, retain=False), "product"), self.lower.sizes)
-
-    def _vjp(self, inputs: T.Vec, v: torch.Tensor, retain: bool) -> T.Vec:
-        if not self.flat.requires_grad:
-            return T.zeros_like(inputs)
-        grads = torch.autograd.grad(self.flat, inputs, grad_outputs=v, retain_graph=retain, allow_unused=True)
-        return T.fill_none(grads, inputs)
+        return T.split(self.lower.runtime.reduce(vjp(self.g, flat, p, retain=False), "product"), self.lower.sizes)
 
 
 class LowerView:

@@ -79,6 +79,13 @@ def flatten(a: Vec) -> torch.Tensor:
     return torch.cat([x.reshape(-1) for x in a])
 
 
+def unflatten(flat: torch.Tensor, like: Vec) -> Vec:
+    """Views of the 1-D ``flat`` shaped as the tensors of ``like`` (the inverse of :func:`flatten`)."""
+    if len(like) == 1:
+        return [flat.view(like[0].shape)]
+    return [part.view(x.shape) for part, x in zip(flat.split([x.numel() for x in like]), like)]
+
+
 def split(flat: Vec, sizes: list[int]) -> list[Vec]:
     out, i = [], 0
     for n in sizes:

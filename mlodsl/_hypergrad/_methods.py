@@ -23,8 +23,8 @@ from mlodsl._hypergrad import _linsolve
 class GradGraph(Protocol):
     """g = ∇_θ C_Q(θ, x), built once with ``create_graph=True`` and reused."""
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor: ...        # H v, flat vectors over θ_Q
-    def cross(self, p: torch.Tensor) -> list[T.Vec]: ...       # (∂²C_Q/∂x∂θ_Q) p, per input x
+    def hvp(self, v: T.Vec) -> T.Vec: ...              # H v
+    def cross(self, p: T.Vec) -> list[T.Vec]: ...      # (∂²C_Q/∂x∂θ_Q) p, per input x
 
 
 class Lower(Protocol):
@@ -76,21 +76,17 @@ class Implicit:
     The one primitive that ``Neumann`` and ``CG`` are derived from: they only
     choose the linear solver. The gradient graph of C_Q is built once and
     reused for every Hessian-vector product and the final mixed product.
-
-    ``solve(lower, hvp, v)`` returns ``(p, diagnostics)``; ``v``, p and what ``hvp`` takes
-    and gives are flat 1-D tensors over θ_Q (its parameters concatenated in order, as
-    ``torch.cat([t.reshape(-1) for t in lower.params])``), so a solver is plain linear algebra.
     """
 
-    solve: Callable[[Lower, _linsolve.HVP, torch.Tensor], tuple[torch.Tensor, dict]]
+    solve: Callable[[Lower, _linsolve.HVP, T.Vec], tuple[T.Vec, dict]]
     name: ClassVar[str] = "implicit"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
         graph = lower.grad_graph()
-        p, diagnostics = self.solve(lower, graph.hvp, T.flatten(v))
+        p, diagnostics = self.solve(lower, graph.hvp, v)
         for key, value in diagnostics.items():
             lower.record(key, value)
-        return graph.cross(-p)  # the products are linear in p: negate the one flat vector
+        return [T.scale(c, -1.0) for c in graph.cross(p)]
 
 
 @frozen
@@ -123,7 +119,7 @@ class CG:
     name: ClassVar[str] = "cg"
 
     def __call__(self, lower: Lower, v: T.Vec) -> list[T.Vec]:
-        def solve(_: Lower, hvp: _linsolve.HVP, b: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        def solve(_: Lower, hvp: _linsolve.HVP, b: T.Vec) -> tuple[T.Vec, dict]:
             return _linsolve.conjugate_gradient(hvp, b, self.iterations, self.damping)
 
         return Implicit(solve)(lower, v)
