@@ -29,6 +29,13 @@ What is measured, per (program, method, side):
   rounds: its ratio to the first shows the noise floor of the machine. The
   check against Betty is paired the same way: the median over rounds of
   (mlodsl / Betty).
+  The rounds run in ``processes`` fresh processes (``repeats`` rounds each)
+  and are pooled: a process's address-space layout and hash seed shift one
+  side against another by a few percent for its whole life (the same code gave
+  MWN/fd 1.08× in one process and 0.98× in the next two, with the noise floor
+  at 1.01× in all three), which more rounds in one process cannot average
+  out, as pyperf's worker processes do for the same reason. The median
+  ratio of each process is reported too.
   mlodsl gives torch's optimizers their fused or foreach update
   (``Program(fuse_updates=True)``, the default); the hand-written loop and
   Betty use torch's default loop. So on single-path programs a fourth side,
@@ -84,24 +91,27 @@ LADDER_METHODS = ("fd", "neumann")
 
 class Settings(NamedTuple):
     warmup: int            # outer iterations per side before timing
-    repeats: int           # rounds of interleaved blocks
+    repeats: int           # rounds of interleaved blocks in each process
+    processes: int         # fresh processes whose rounds are pooled (module docstring)
     block_ms: float        # a block is as many iterations as the side does in about this time
     depths: tuple[int, ...]
-    ladder_repeats: int
+    ladder_repeats: int    # the ladder's rounds, in one process (its claims are factors, not percents)
     memory_iterations: int
 
 
-FULL = Settings(warmup=5, repeats=41, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
+FULL = Settings(warmup=5, repeats=9, processes=5, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
                 memory_iterations=20)
-QUICK = Settings(warmup=2, repeats=5, block_ms=15.0, depths=(2, 3, 4), ladder_repeats=3, memory_iterations=5)
+QUICK = Settings(warmup=2, repeats=3, processes=2, block_ms=15.0, depths=(2, 3, 4), ladder_repeats=3,
+                 memory_iterations=5)
 
 
 class Timing(NamedTuple):
     cpu_ms: float        # median CPU ms per outer iteration
     wall_ms: float       # median wall ms per outer iteration
     ratio: float | None  # median over rounds of (this side / hand), CPU time
-    block: int           # iterations per timed block
+    block: int           # iterations per timed block (of the first process)
     rounds: tuple[float, ...]  # CPU ms per iteration of each round's block, in round order
+    per_process: tuple[float, ...] = ()  # the median ratio to hand within each process
 
 
 class Row(NamedTuple):
@@ -131,25 +141,51 @@ def time_block(runner, n: int) -> tuple[float, float]:
     return (time.thread_time() - cpu) * 1000 / n, (time.perf_counter() - wall) * 1000 / n
 
 
-def interleaved(runners: dict[str, Any], warmup: int, repeats: int, block_ms: float) -> dict[str, Timing]:
+def interleaved(runners: dict[str, Any], warmup: int, repeats: int, block_ms: float) -> dict[str, dict]:
     """Warm every side up, then time blocks round-robin with a rotating order; each side's block
-    is as many iterations as it does in about ``block_ms``."""
+    is as many iterations as it does in about ``block_ms``. Per side: its block and the CPU and
+    wall ms per iteration of each round."""
     blocks = {}
     for s, r in runners.items():
         r.run(warmup)
         blocks[s] = max(1, round(block_ms / time_block(r, 1)[0]))
     sides = list(runners)
-    cpu: dict[str, list[float]] = {s: [] for s in sides}
-    wall: dict[str, list[float]] = {s: [] for s in sides}
+    out: dict[str, dict] = {s: {"block": blocks[s], "cpu": [], "wall": []} for s in sides}
     for i in range(repeats):
         for s in sides[i % len(sides):] + sides[:i % len(sides)]:
             c, w = time_block(runners[s], blocks[s])
-            cpu[s].append(c)
-            wall[s].append(w)
+            out[s]["cpu"].append(c)
+            out[s]["wall"].append(w)
+    return out
+
+
+def time_here(program: str, method: str, settings: Settings, depth: int | None) -> dict[str, dict]:
+    """In a fresh process: build every side (with the two extra ones) and time them interleaved."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    runners = {s: r for s in SIDES if not isinstance(r := build(program, s, method, depth), str)}
+    runners[AA] = build(program, "hand", method, depth)
+    if depth is None and "mlodsl" in runners:
+        runners[LOOP] = loop_updates(build(program, "mlodsl", method))
+    repeats = settings.repeats if depth is None else settings.ladder_repeats
+    return interleaved(runners, settings.warmup, repeats, settings.block_ms)
+
+
+def pooled(program: str, method: str, settings: Settings, depth: int | None) -> dict[str, Timing]:
+    """:func:`time_here` in ``settings.processes`` fresh processes (one for the ladder), pooled."""
+    cmd = [sys.executable, str(Path(__file__)), "--time", program, method, "--settings", json.dumps(settings)]
+    if depth is not None:
+        cmd += ["--depth", str(depth)]
+    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+                       .strip().splitlines()[-1]) for _ in range(settings.processes if depth is None else 1)]
     out = {}
-    for s in sides:
-        ratio = statistics.median(a / b for a, b in zip(cpu[s], cpu["hand"])) if "hand" in cpu else None
-        out[s] = Timing(statistics.median(cpu[s]), statistics.median(wall[s]), ratio, blocks[s], tuple(cpu[s]))
+    for s in runs[0]:
+        cpu = [c for run in runs for c in run[s]["cpu"]]
+        hand = [c for run in runs for c in run["hand"]["cpu"]]
+        per_process = tuple(statistics.median(a / b for a, b in zip(run[s]["cpu"], run["hand"]["cpu"])) for run in runs)
+        out[s] = Timing(statistics.median(cpu), statistics.median(w for run in runs for w in run[s]["wall"]),
+                        statistics.median(a / b for a, b in zip(cpu, hand)), runs[0][s]["block"], tuple(cpu),
+                        per_process)
     return out
 
 
@@ -161,20 +197,16 @@ def count(runner) -> dict[str, int]:
 
 def measure(program: str, method: str, settings: Settings, memory: bool, depth: int | None = None,
             sides: Sequence[str] = SIDES) -> list[Row]:
-    built = {s: build(program, s, method, depth) for s in sides}
-    runners = {s: r for s, r in built.items() if not isinstance(r, str)}
-    runners[AA] = build(program, "hand", method, depth)
-    if depth is None and "mlodsl" in runners:
-        runners[LOOP] = loop_updates(build(program, "mlodsl", method))
-    repeats = settings.repeats if depth is None else settings.ladder_repeats
-    timings = interleaved(runners, settings.warmup, repeats, settings.block_ms)
+    timings = pooled(program, method, settings, depth)
     rows = []
     for s in sides:
-        if s not in runners:
-            rows.append(Row(program, method, s, None, None, None, note=built[s]))
+        built = build(program, s, method, depth)
+        if isinstance(built, str):
+            rows.append(Row(program, method, s, None, None, None, note=built))
             continue
+        built.run(settings.warmup)  # counted after the warm-up, as the timed iterations ran
         peak = peak_mb(program, method, s, depth, settings) if memory else None
-        rows.append(Row(program, method, s, timings[s], count(runners[s]), peak))
+        rows.append(Row(program, method, s, timings[s], count(built), peak))
     return rows + [Row(program, method, s, timings[s], None, None) for s in (AA, LOOP) if s in timings]
 
 
@@ -258,16 +290,18 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 def single_path_table(rows: list[Row]) -> str:
-    lines = ["| program | method | side | ms / outer it. (CPU) | × hand | wall ms | peak RSS MB | forward | backward | hvp |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| program | method | side | ms / outer it. (CPU) | × hand | *per process* | wall ms | peak RSS MB "
+             "| forward | backward | hvp |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.timing is None:
-            lines.append(f"| {r.program} | {r.method} | {r.side} | n/a | | | | | | |")
+            lines.append(f"| {r.program} | {r.method} | {r.side} | n/a | | | | | | | |")
             continue
         c = r.counts or {}
         ratio = "1" if r.side == "hand" else fmt(r.timing.ratio)
+        per = "" if r.side == "hand" else " ".join(fmt(x) for x in r.timing.per_process)
         side = f"*{r.side}*" if r.side in (AA, LOOP) else r.side
-        lines.append(f"| {r.program} | {r.method} | {side} | {fmt(r.timing.cpu_ms, 3)} | {ratio} | "
+        lines.append(f"| {r.program} | {r.method} | {side} | {fmt(r.timing.cpu_ms, 3)} | {ratio} | {per} | "
                      f"{fmt(r.timing.wall_ms, 3)} | {fmt(r.peak_mb, 1)} | {c.get('forward', '')} | "
                      f"{c.get('backward', '')} | {c.get('hvp', '')} |")
     return "\n".join(lines)
@@ -378,9 +412,11 @@ def section(command: str, env: str, settings: Settings, single: list[Row], lad: 
     parts = [BEGIN, "## Benchmarks (issue 7): mlodsl, a hand-written loop, Betty 0.2.1", "",
              f"Produced by `{command}` in {seconds / 60:.1f} min; {env}. What each column measures is in "
              "the docstring of `bench/run.py`; in short: **CPU ms of the calling thread per outer iteration** "
-             f"(median of {settings.repeats} interleaved blocks of about {settings.block_ms:.0f} ms each after "
+             f"(median of {settings.processes * settings.repeats} interleaved blocks of about {settings.block_ms:.0f} ms "
+             f"each, {settings.repeats} rounds in each of {settings.processes} fresh processes, after "
              f"{settings.warmup} warm-up iterations; the machine is shared, so wall time is shown but not compared), **× hand** = median "
-             "of the per-round ratios to the hand-written loop (*hand, again* is a second copy of the hand-written loop "
+             "of the per-round ratios to the hand-written loop over all processes (*per process*: the median within "
+             "each; *hand, again* is a second copy of the hand-written loop "
              "timed alongside: its ratio is the noise floor; *mlodsl, loop updates* is mlodsl with torch's default "
              "optimizer loop instead of the fused updates it sets, as the other sides run: its ratio is the framework's "
              "own cost), **peak RSS** = the high-water mark of a fresh process "
@@ -432,7 +468,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="rounds of interleaved blocks per single-path program (default 13; more for a tighter median)")
+                        help=f"rounds of interleaved blocks per process and single-path program (default {FULL.repeats})")
+    parser.add_argument("--processes", type=int, default=None,
+                        help=f"fresh processes per single-path program, their rounds pooled (default {FULL.processes})")
+    parser.add_argument("--time", nargs=2, metavar=("PROGRAM", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--probe", nargs=3, metavar=("PROGRAM", "METHOD", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
@@ -440,10 +480,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         print(json.dumps(probe(*args.probe, args.depth, args.iterations)))
         return
+    if args.time:
+        settings = Settings(*json.loads(args.settings))
+        print(json.dumps(time_here(*args.time, settings._replace(depths=tuple(settings.depths)), args.depth)))
+        return
     command = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     settings = QUICK if args.quick else FULL
     if args.repeats is not None:
         settings = settings._replace(repeats=args.repeats)
+    if args.processes is not None:
+        settings = settings._replace(processes=args.processes)
     memory = not args.no_memory
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
