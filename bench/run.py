@@ -33,9 +33,11 @@ What is measured, per (program, method, side):
   and are pooled: a process's address-space layout and hash seed shift one
   side against another by a few percent for its whole life (the same code gave
   MWN/fd 1.08× in one process and 0.98× in the next two, with the noise floor
-  at 1.01× in all three), which more rounds in one process cannot average
-  out, as pyperf's worker processes do for the same reason. The median
-  ratio of each process is reported too.
+  at 1.01× in all three; two copies of the same hand-written loop differed by
+  0.94–1.13× from process to process), which more rounds in one process
+  cannot average out: many short-lived processes do, as pyperf's worker
+  processes do for the same reason. The median ratio of each process is
+  reported too.
   mlodsl gives torch's optimizers their fused or foreach update
   (``Program(fuse_updates=True)``, the default); the hand-written loop and
   Betty use torch's default loop. So on single-path programs a fourth side,
@@ -99,7 +101,7 @@ class Settings(NamedTuple):
     memory_iterations: int
 
 
-FULL = Settings(warmup=5, repeats=9, processes=5, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
+FULL = Settings(warmup=5, repeats=5, processes=8, block_ms=40.0, depths=(2, 3, 4, 5, 6), ladder_repeats=7,
                 memory_iterations=20)
 QUICK = Settings(warmup=2, repeats=3, processes=2, block_ms=15.0, depths=(2, 3, 4), ladder_repeats=3,
                  memory_iterations=5)

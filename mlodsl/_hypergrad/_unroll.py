@@ -22,13 +22,14 @@ def supports(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def hyperparams(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict]:
-    """Each parameter's group settings (lr may change between steps: a scheduler)."""
+    """Each parameter's group settings (lr may change between steps: a scheduler), copied once
+    per group: the parameters of a group share one copy, which nothing changes."""
     by_id: dict[int, dict] = {}
     for group in optimizer.param_groups:
         settings = {k: v for k, v in group.items() if k != "params"}
         for p in group["params"]:
             by_id[id(p)] = settings
-    return [dict(by_id[id(p)]) for p in params]
+    return [by_id[id(p)] for p in params]
 
 
 def snapshot_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[State]:
