@@ -178,16 +178,23 @@ def pooled(program: str, method: str, settings: Settings, depth: int | None) -> 
     cmd = [sys.executable, str(Path(__file__)), "--time", program, method, "--settings", json.dumps(settings)]
     if depth is not None:
         cmd += ["--depth", str(depth)]
-    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-                       .strip().splitlines()[-1]) for _ in range(settings.processes if depth is None else 1)]
+    return pool([json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+                            .strip().splitlines()[-1]) for _ in range(settings.processes if depth is None else 1)])
+
+
+def pool(runs: list[dict[str, dict]]) -> dict[str, Timing]:
+    """The rounds of several processes' :func:`interleaved` as one: medians over every round,
+    ratios paired within each round, and each process's own median ratio."""
+    def ratios(run: dict[str, dict], s: str) -> list[float]:
+        return [a / b for a, b in zip(run[s]["cpu"], run["hand"]["cpu"])]
+
     out = {}
     for s in runs[0]:
-        cpu = [c for run in runs for c in run[s]["cpu"]]
-        hand = [c for run in runs for c in run["hand"]["cpu"]]
-        per_process = tuple(statistics.median(a / b for a, b in zip(run[s]["cpu"], run["hand"]["cpu"])) for run in runs)
-        out[s] = Timing(statistics.median(cpu), statistics.median(w for run in runs for w in run[s]["wall"]),
-                        statistics.median(a / b for a, b in zip(cpu, hand)), runs[0][s]["block"], tuple(cpu),
-                        per_process)
+        out[s] = Timing(cpu_ms=statistics.median(c for run in runs for c in run[s]["cpu"]),
+                        wall_ms=statistics.median(w for run in runs for w in run[s]["wall"]),
+                        ratio=statistics.median(r for run in runs for r in ratios(run, s)),
+                        block=runs[0][s]["block"], rounds=tuple(c for run in runs for c in run[s]["cpu"]),
+                        per_process=tuple(statistics.median(ratios(run, s)) for run in runs))
     return out
 
 
