@@ -30,8 +30,9 @@ What is measured, per (program, method, side):
   check against Betty is paired the same way: the median over rounds of
   (mlodsl / Betty).
   The rounds run in ``processes`` fresh processes (``repeats`` rounds each)
-  and are pooled: a process's address-space layout and hash seed shift one
-  side against another by a few percent for its whole life (the same code gave
+  and are pooled: something a process fixes when it builds a side (where its
+  tensors and data land; not pinned down) shifts that side by a few percent for
+  the process's whole life (the same code gave
   MWN/fd 1.08× in one process and 0.98× in the next two, with the noise floor
   at 1.01× in all three; two copies of the same hand-written loop differed by
   0.94–1.13× from process to process), which more rounds in one process
@@ -71,7 +72,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -204,11 +204,10 @@ def count(runner) -> dict[str, int]:
     return dict(counts)
 
 
-def measure(program: str, method: str, settings: Settings, memory: bool, depth: int | None = None,
-            sides: Sequence[str] = SIDES) -> list[Row]:
+def measure(program: str, method: str, settings: Settings, memory: bool, depth: int | None = None) -> list[Row]:
     timings = pooled(program, method, settings, depth)
     rows = []
-    for s in sides:
+    for s in SIDES:
         built = build(program, s, method, depth)
         if isinstance(built, str):
             rows.append(Row(program, method, s, None, None, None, note=built))
