@@ -156,6 +156,45 @@ def test_public_arguments_are_type_checked():
         Program(["not a problem"])
 
 
+
+def test_a_call_with_the_types_of_one_that_passed_is_not_checked_again(monkeypatch):
+    import typeguard
+
+    from mlodsl import _check
+
+    checks = []
+
+    def counting(fn):
+        inner = typeguard.typechecked(fn)
+        return lambda *a, **k: (checks.append(a[1:] + tuple(k.values())), inner(*a, **k))[1]
+
+    monkeypatch.setattr(_check, "typechecked", counting)
+
+    class Thing:
+        @_check.public
+        def go(self, n: int, *, scale: float | None = None, label: str = "") -> int:
+            return n
+
+    thing = Thing()
+    assert [thing.go(3), thing.go(4), thing.go(5, scale=None)] == [3, 4, 5]
+    assert len(checks) == 2  # go(int) once, go(int, scale=None) once
+    for bad in (lambda: thing.go(1.5), lambda: thing.go("2"), lambda: thing.go(1, scale="big")):
+        with pytest.raises(UsageError, match="Thing.go\\(\\): argument"):
+            bad()
+    thing.go(1, label="x")
+    thing.go(1, label="y")
+    assert len(checks) == 7  # a str may be a Literal's value: checked at every call
+
+
+def test_run_checks_its_arguments_after_a_good_call():
+    program = bilevel()
+    program.run(iterations=1)
+    program.run(iterations=1)
+    with pytest.raises(UsageError, match="Program.run\\(\\): argument \"iterations\" \\(float\\)"):
+        program.run(iterations=1.5)
+    with pytest.raises(UsageError, match="log_every"):
+        program.run(iterations=1, log_every="often")
+
 @pytest.mark.parametrize("make, message", [
     (lambda: __import__("mlodsl.hypergrad", fromlist=["Neumann"]).Neumann(iterations=-1),
      r"Neumann\(iterations=-1\): iterations must be an int >= 0\. Fix:"),
