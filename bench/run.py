@@ -1,6 +1,6 @@
 """mlodsl against a hand-written PyTorch loop of the same algorithm and Betty 0.2.1 (issue 7).
 
-    python bench/run.py                      # the full run (about 5–8 minutes on 2 busy cores)
+    python bench/run.py                      # the full run (about 20 minutes on 2 cores)
     python bench/run.py --quick              # a smoke run at reduced repeats and ladder depths
     python bench/run.py --out bench/RESULTS.md --programs mwn --methods neumann cg --no-memory
 
