@@ -46,7 +46,6 @@ def public(fn: F) -> F:
 
 def _types(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     """The arguments' types when each is one of ``_BY_TYPE`` (else None: check every call)."""
-    key = (*map(type, args), *((k, type(v)) for k, v in kwargs.items()))
-    if all((t[1] if type(t) is tuple else t) in _BY_TYPE for t in key):
-        return key
-    return None
+    if not all(type(v) in _BY_TYPE for v in (*args, *kwargs.values())):
+        return None
+    return (*map(type, args), *((k, type(v)) for k, v in kwargs.items()))

@@ -26,11 +26,10 @@ def test_ratios_are_paired_within_rounds_and_pooled_over_processes():
     assert t.wall_ms == pytest.approx(2 * t.cpu_ms)
 
 
-def test_one_lucky_process_does_not_set_the_ratio():
+def test_one_unlucky_process_does_not_set_the_ratio():
     even = [run([1.0] * 5, [1.0] * 5) for _ in range(4)]
-    lucky = run([1.0] * 5, [1.3] * 5)  # a side that landed badly in one process
-    t = pool([*even, lucky])["mlodsl"]
+    unlucky = run([1.0] * 5, [1.3] * 5)  # a side that landed badly in one process
+    t = pool([*even, unlucky])["mlodsl"]
     assert t.per_process == pytest.approx((1.0, 1.0, 1.0, 1.0, 1.3))
     assert t.ratio == pytest.approx(1.0)
-    assert pool([*even, lucky])["hand"].ratio == 1.0
-
+    assert pool([*even, unlucky])["hand"].ratio == 1.0
